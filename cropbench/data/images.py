@@ -1,0 +1,146 @@
+"""Image classification datasets that yield fixed-size uint8 canvases (views are cut on-device).
+
+Workers only decode and resize (shorter side to ``image_size``, centre crop); all random view
+construction happens batched on the training device (``cropbench.methods.views``). Taking the
+random-resized crop from this canvas rather than from the full-resolution image is a documented
+deviation at paper scale (canvas 256 px for 224-px views).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from cropbench.data import DatasetSpec, register_dataset
+from cropbench.data.synth import SynthImagesConfig, write_imagefolder
+from cropbench.errors import DatasetError
+from methods.base import ImageBatch
+
+IMAGEFOLDER_LAYOUT = """<root>/{train,val}/<class_name>/<image>.{jpg,jpeg,png,...}   (torchvision ImageFolder)"""
+
+
+def to_canvas(img: Image.Image, size: int) -> Tensor:
+    """PIL image -> 3×size×size uint8: resize the shorter side to ``size``, centre crop."""
+    img = img.convert("RGB")
+    img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderCanvas(Dataset):
+    """An ImageFolder split; ``cache=True`` decodes every image once and keeps the canvases in memory."""
+
+    def __init__(self, folder: Path, split: str, image_size: int = 64, cache: bool = False):
+        self.root = Path(folder) / split
+        if not self.root.is_dir():
+            raise DatasetError(f"split folder {self.root} does not exist\nexpected layout:\n{IMAGEFOLDER_LAYOUT}")
+        try:
+            self.classes, self.class_to_idx = torchvision.datasets.folder.find_classes(str(self.root))
+            self.samples = torchvision.datasets.folder.make_dataset(
+                str(self.root), self.class_to_idx, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
+            )
+        except (FileNotFoundError, OSError) as e:
+            raise DatasetError(f"{self.root}: {e}\nexpected layout:\n{IMAGEFOLDER_LAYOUT}") from e
+        self.targets = [t for _, t in self.samples]
+        self.image_size = image_size
+        self._cache: Tensor | None = None
+        if cache:
+            self._cache = torch.stack([self._load(i) for i in range(len(self.samples))])
+
+    def _load(self, i: int) -> Tensor:
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as img:
+                return to_canvas(img, self.image_size)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"cannot decode image {path}: {e}") from e
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        img = self._cache[i] if self._cache is not None else self._load(i)
+        return img, self.targets[i], i
+
+
+def collate_images(samples: list[tuple[Tensor, int, int]]) -> ImageBatch:
+    imgs, labels, idx = zip(*samples, strict=True)
+    return ImageBatch(torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long))
+
+
+def _build_imagefolder(folder: Path, split: str, image_size: int = 64, cache: bool = False, **_: object) -> ImageFolderCanvas:
+    return ImageFolderCanvas(folder, split, image_size, cache)
+
+
+def _build_synth(folder: Path, split: str, image_size: int = 64, cache: bool = True, **_: object) -> ImageFolderCanvas:
+    return ImageFolderCanvas(folder, split, image_size, cache)
+
+
+register_dataset(DatasetSpec(
+    "synth_images", "classification", "synth_images", IMAGEFOLDER_LAYOUT, _build_synth,
+    synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
+    description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 500 val)",
+))
+register_dataset(DatasetSpec(
+    "imagenet", "classification", "imagenet", IMAGEFOLDER_LAYOUT, _build_imagefolder,
+    description="ImageNet-1k in ImageFolder layout (train/, val/ with class folders)",
+))
+register_dataset(DatasetSpec(
+    "imagenet100", "classification", "imagenet100", IMAGEFOLDER_LAYOUT, _build_imagefolder,
+    description="ImageNet-100 (CMC subset) in ImageFolder layout",
+))
+
+
+class TorchvisionCanvas(Dataset):
+    """CIFAR-10/100 and STL-10 from their official torchvision binary layouts (never downloads)."""
+
+    LAYOUTS = {
+        "cifar10": "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+        "cifar100": "<root>/cifar-100-python/{train,test,meta}",
+        "stl10": "<root>/stl10_binary/{train_X.bin,train_y.bin,test_X.bin,test_y.bin,unlabeled_X.bin}",
+    }
+
+    def __init__(self, name: str, folder: Path, split: str, image_size: int):
+        try:
+            if name == "stl10":
+                ds = torchvision.datasets.STL10(str(folder), split="train" if split == "train" else "test", download=False)
+                self.images, self.targets = torch.from_numpy(ds.data), [int(t) for t in ds.labels]
+            else:
+                cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+                ds = cls(str(folder), train=split == "train", download=False)
+                self.images, self.targets = torch.from_numpy(ds.data).permute(0, 3, 1, 2), list(ds.targets)
+        except RuntimeError as e:
+            raise DatasetError(f"{name} not found or corrupt under {folder}: {e}\nexpected layout:\n{self.LAYOUTS[name]}") from e
+        self.classes = list(ds.classes)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        img = self.images[i]
+        if img.shape[-1] != self.image_size:
+            img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
+        return img, self.targets[i], i
+
+
+for _name in ("cifar10", "cifar100", "stl10"):
+    register_dataset(DatasetSpec(
+        _name, "classification", _name, TorchvisionCanvas.LAYOUTS[_name],
+        (lambda n: lambda folder, split, image_size=32, **_: TorchvisionCanvas(n, folder, split, image_size))(_name),
+        description=f"{_name} in its official torchvision layout",
+    ))

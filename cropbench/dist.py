@@ -1,0 +1,50 @@
+"""Explicit distributed context: rank and world size are passed around, never read from globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def gather_with_grad(x: Tensor, ctx: DistContext) -> Tensor:
+    """All-gather along dim 0 keeping the gradient path to the local shard (SimCLR/CLIP style)."""
+    if not ctx.enabled:
+        return x
+    import torch.distributed.nn.functional as dnn
+
+    return torch.cat(dnn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor, ctx: DistContext) -> Tensor:
+    """All-gather along dim 0 without gradient (MoCo keys, kNN banks). Equal shard sizes required."""
+    if not ctx.enabled:
+        return x
+    out = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(x: Tensor, ctx: DistContext) -> Tensor:
+    if not ctx.enabled:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / ctx.world_size
