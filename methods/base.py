@@ -130,6 +130,13 @@ class SSLMethod(nn.Module):
         """Called after each epoch; returned scalars go to the epoch log (e.g. ParamCrop IoU)."""
         return {}
 
+    def prepare_dataset(self, dataset: Any, run_dir: Any) -> Any:
+        """Wrap the training dataset if the method needs more per sample (CYBORGS adds masks).
+
+        The trainer collates with ``dataset.collate`` when the dataset has one, else ``collate_images``.
+        """
+        return dataset
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-group lr (SimSiam fixed predictor lr)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

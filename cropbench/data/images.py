@@ -23,6 +23,17 @@ from cropbench.data.synth import SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
 from methods.base import ImageBatch
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 (or 0-255 float) B×3×H×W -> float, ImageNet mean/std normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 IMAGEFOLDER_LAYOUT = """<root>/{train,val}/<class_name>/<image>.{jpg,jpeg,png,...}   (torchvision ImageFolder)"""
 
 
@@ -67,6 +78,8 @@ class ImageFolderCanvas(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    collate = staticmethod(lambda samples: collate_images(samples))
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         img = self._cache[i] if self._cache is not None else self._load(i)
