@@ -1,4 +1,6 @@
-"""The one signature every evaluation has: ``evaluate(encoder, settings, data) -> dict[str, float]``.
+"""IMPORT AS ``cropbench.evaluations.*`` (never ``evaluations.*``: the folder installs as cropbench.evaluations).
+
+The one signature every evaluation has: ``evaluate(encoder, settings, data) -> dict[str, float]``.
 
 * ``encoder``: the pretrained backbone (a ``ResNetBackbone`` or a video backbone); evaluations
   that fine-tune deep-copy it first, frozen protocols put it in ``eval()`` mode.

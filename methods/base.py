@@ -1,4 +1,6 @@
-"""The contract every SSL method follows.
+"""IMPORT AS ``cropbench.methods.*`` (never ``methods.*``: the folder installs as cropbench.methods).
+
+The contract every SSL method follows.
 
 A method = backbone + view generator + objective. The trainer hands it a collated batch of
 *canvases* (uint8, on the training device); the method builds its views there (batched, so the

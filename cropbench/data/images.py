@@ -21,7 +21,7 @@ from torchvision.transforms import functional as TF
 from cropbench.data import DatasetSpec, register_dataset
 from cropbench.data.synth import SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
-from methods.base import ImageBatch
+from cropbench.methods.base import ImageBatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,3 @@
+from cropbench.cli import main
+
+main()

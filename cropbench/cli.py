@@ -1,0 +1,202 @@
+"""The ``cropbench`` command line (click)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from cropbench.errors import CropbenchError
+from cropbench.recipe import SCALES, list_entries, load_entry, parse_overrides
+from cropbench.registry import BACKBONES, DATASETS, EVALUATIONS, METHODS
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+KINDS = {"entries": None, "methods": METHODS, "evals": EVALUATIONS, "datasets": DATASETS, "backbones": BACKBONES}
+
+
+class UserError(click.ClickException):
+    """A CropbenchError shown as ``Error: ...`` with exit status 2 and no traceback."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CropbenchError as e:
+            raise UserError(str(e)) from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cropbench")
+def cli() -> None:
+    """cropbench: reproducible benchmarks of view construction in contrastive SSL."""
+
+
+@cli.command("list")
+@click.argument("kind", type=click.Choice(list(KINDS)), default="entries")
+def list_cmd(kind: str) -> None:
+    """List entries, methods, evaluations, datasets or backbones (from the registries)."""
+    if kind == "entries":
+        for name in list_entries():
+            e = load_entry(name)
+            variants = "" if list(e.variants) == ["default"] else f" [variants: {', '.join(e.variants)}]"
+            click.echo(f"{name:<12} {e.modality:<6} {e.paper.title}{variants}")
+        return
+    reg = KINDS[kind]
+    for name in reg.names():
+        obj = reg.get(name)
+        desc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().splitlines()[0:1]
+        desc = desc if isinstance(desc, str) else (desc[0] if desc else "")
+        click.echo(f"{name:<20} {desc}")
+
+
+@cli.command()
+@click.argument("entry")
+def show(entry: str) -> None:
+    """Paper, variants, recipe per scale, references and claims of ENTRY."""
+    e = load_entry(entry)
+    click.echo(f"{e.name}: {e.paper.title}\n  arXiv {e.paper.arxiv}  {e.paper.venue}  code: {e.paper.code or '(none released)'}")
+    click.echo(f"  {e.description}\n  modality: {e.modality}; evaluations: {', '.join(e.evaluations)}")
+    for v, var in e.variants.items():
+        click.echo(f"\nvariant {v}: {var.description}")
+        for scale in SCALES:
+            r = e.recipe(v, scale)
+            click.echo(f"  [{scale}] recipe {r.hash()}")
+            body = yaml.safe_dump(r.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+            click.echo("\n".join("    " + line for line in body.splitlines()))
+    if e.references:
+        click.echo("\nreferences:")
+        for ref in e.references:
+            click.echo(f"  {ref.variant}/{ref.scale}/{ref.eval}/{ref.metric} = {ref.value} ±{ref.tolerance}  ({ref.source}){' ' + ref.note if ref.note else ''}")
+    if e.claims:
+        click.echo("\nclaims:")
+        for c in e.claims:
+            click.echo(f"  {c.text}  [{c.variant} vs {c.baseline} on {c.eval}/{c.metric} by >= {c.min_delta}, {c.scale}]")
+
+
+@cli.command()
+@click.argument("entry")
+@click.option("--variant", default=None, help="Variant name (default: the entry's first).")
+@click.option("--eval", "evals", multiple=True, help="Evaluation(s) to run (repeatable; default: all the entry supports).")
+@click.option("--scale", type=click.Choice(SCALES), default="micro", show_default=True)
+@click.option("--seed", "seeds", multiple=True, type=int, help="Seed(s) (repeatable; default 0).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset root (default $CROPBENCH_DATA; micro generates embedded data).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Data-parallel processes (torch.distributed; gloo on CPU, NCCL on GPU).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this run.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True, help="Records root.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Checkpoints, logs and feature caches.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. --set train.epochs=2 (repeatable).")
+@click.option("--split", default=None, help="Video evaluations: split 1|2|3|all (sets eval.<name>.split).")
+@click.option("--random-init/--no-random-init", default=False, help="Also evaluate the same encoder at its random initialisation.")
+@click.option("--quiet", is_flag=True)
+def run(entry: str, variant: str | None, evals: tuple[str, ...], scale: str, seeds: tuple[int, ...], data_root: Path | None,
+        device: str, nproc: int, resume: bool, out: Path, work_dir: Path, sets: tuple[str, ...], split: str | None,
+        random_init: bool, quiet: bool) -> None:
+    """Pretrain ENTRY, evaluate it, write records and print a result table."""
+    from cropbench.runner import RunSpec
+    from cropbench.runner import run as run_entry
+    from cropbench.tables import run_table
+
+    e = load_entry(entry)
+    overrides = parse_overrides(sets)
+    if split is not None:
+        for name in evals or e.evaluations:
+            overrides.setdefault("eval", {}).setdefault(name, {})["split"] = split
+    spec = RunSpec(entry, variant or e.variant_names()[0], scale, tuple(evals), tuple(seeds) or (0,), data_root, device,
+                   nproc, resume, out, work_dir, overrides, random_init, quiet)
+    records = run_entry(spec)
+    click.echo(run_table(records))
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html"]), default="md", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to FILE (atomically) instead of stdout.")
+@click.option("--records", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True)
+def leaderboard(fmt: str, out: Path | None, records: Path) -> None:
+    """Comparison tables regenerated from records only (byte-identical when run twice)."""
+    from cropbench.records import load_records
+    from cropbench.tables import leaderboard as make, write_leaderboard
+
+    recs = load_records(records)
+    if out is None:
+        click.echo(make(recs, fmt), nl=False)
+    else:
+        write_leaderboard(recs, out, fmt)
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--scale", type=click.Choice(SCALES), default=None, help="Only this scale.")
+@click.option("--records", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True)
+@click.option("--golden", type=click.Path(path_type=Path), default=RESULTS / "golden", show_default=True)
+@click.option("--allow-missing", is_flag=True, help="A golden without a fresh record is not a miss.")
+def check(scale: str | None, records: Path, golden: Path, allow_missing: bool) -> None:
+    """Compare records with golden records, reference numbers and claims; exit 1 on any miss."""
+    from cropbench.checks import check as run_check
+
+    report = run_check(records, golden, scale=scale, allow_missing=allow_missing)
+    click.echo(report.table())
+    sys.exit(0 if report.passed else 1)
+
+
+@cli.group(cls=_Group)
+def data() -> None:
+    """Embedded datasets."""
+
+
+@data.command()
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="Data root (default $CROPBENCH_DATA or ~/.cache/cropbench/data).")
+@click.option("--only", multiple=True, help="Only these synthetic datasets (repeatable).")
+def synth(root: Path | None, only: tuple[str, ...]) -> None:
+    """Materialise the embedded synthetic datasets in their real on-disk layouts."""
+    from cropbench.data import dataset_folder
+
+    names = [n for n in DATASETS.names() if DATASETS.get(n).synthetic]
+    for name in only:
+        if name not in names:
+            raise click.BadParameter(f"{name!r} is not a synthetic dataset; choose from {', '.join(names)}", param_hint="--only")
+    for name in only or names:
+        click.echo(f"{name:<20} {dataset_folder(name, root)}")
+
+
+@cli.command()
+@click.argument("entry")
+@click.option("--variant", default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("views.png"), show_default=True)
+@click.option("--n-images", default=4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--data-root", type=click.Path(path_type=Path), default=None)
+def views(entry: str, variant: str | None, out: Path, n_images: int, seed: int, data_root: Path | None) -> None:
+    """Draw sample images with their views and boxes; print per-pair view statistics."""
+    from cropbench.viewplot import render_views
+
+    e = load_entry(entry)
+    stats = render_views(entry, variant or e.variant_names()[0], out, n_images=n_images, seed=seed, data_root=data_root)
+    for k, v in stats.items():
+        click.echo(f"{k:<28} {v:.4f}")
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["detectron2", "torchvision"]), required=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output file (default next to CKPT).")
+def export(checkpoint: Path, fmt: str, out: Path | None) -> None:
+    """Export a checkpoint's backbone for detectron2 (.pkl) or torchvision (.pth)."""
+    from cropbench.export import export_checkpoint
+
+    out = out or checkpoint.with_suffix(".pkl" if fmt == "detectron2" else ".torchvision.pth")
+    click.echo(f"wrote {export_checkpoint(checkpoint, fmt, out)}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
