@@ -1,0 +1,184 @@
+"""Result records: one JSON file per (scale, entry, variant, evaluation, seed), with provenance.
+
+Layout: ``<root>/<scale>/<entry>/<variant>/<eval>/seed<seed>.json``. Records are append-only in
+spirit: writing a key again replaces that one file (a re-run) and touches no other. Every write goes
+to a temporary file in the same folder and is renamed into place, so a reader never sees half a
+record. Tables and checks are generated from records only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+from cropbench.config import from_dict
+from cropbench.errors import CropbenchError
+
+
+class RecordKey(NamedTuple):
+    scale: str
+    entry: str
+    variant: str
+    eval: str
+    seed: int
+
+    def __str__(self) -> str:
+        return f"{self.scale}/{self.entry}/{self.variant}/{self.eval}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Record:
+    entry: str
+    variant: str  # "<variant>+random_init" for the runner's random-init baseline of <variant>
+    scale: str
+    eval: str
+    seed: int
+    metrics: dict[str, float]  # what evaluate() returned, e.g. {"top1": 61.2, "top5": 95.0}
+    pretrain: dict[str, float]  # loss_first, loss_last, epochs, steps, images_per_s, wall_s
+    eval_wall_s: float
+    provenance: dict[str, Any]  # recipe, recipe_hash, git_commit, git_dirty, versions, device, ...
+
+    @property
+    def key(self) -> RecordKey:
+        return RecordKey(self.scale, self.entry, self.variant, self.eval, self.seed)
+
+    @property
+    def deviations(self) -> dict[str, str]:
+        """The resolved recipe's ``deviations`` (key path -> why it departs from the paper)."""
+        recipe = self.provenance.get("recipe") or {}
+        return dict(recipe.get("deviations") or {}) if isinstance(recipe, dict) else {}
+
+
+class _HasKey(Protocol):
+    scale: str
+    entry: str
+    variant: str
+    eval: str
+    seed: int
+
+
+def record_path(root: Path, key: _HasKey) -> Path:
+    """``<root>/<scale>/<entry>/<variant>/<eval>/seed<seed>.json`` for a Record or RecordKey."""
+    for part in (key.scale, key.entry, key.variant, key.eval):
+        if not part or "/" in part or part.startswith("."):
+            raise CropbenchError(
+                f"record key part {part!r} cannot be a folder name (key {tuple(key)})"
+            )
+    return Path(root) / key.scale / key.entry / key.variant / key.eval / f"seed{key.seed}.json"
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def record_json(rec: Record) -> str:
+    """The record's file text: sorted keys, indent 2, trailing newline."""
+    return json.dumps(dataclasses.asdict(rec), sort_keys=True, indent=2) + "\n"
+
+
+def write_record(root: Path, rec: Record) -> Path:
+    """Write (or replace) the record's file atomically; returns its path."""
+    return atomic_write_text(record_path(root, rec), record_json(rec))
+
+
+def read_record(path: Path) -> Record:
+    """Parse one record file; anything malformed is a ``CropbenchError`` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CropbenchError(f"{path}: not a readable JSON record: {e}") from e
+    return from_dict(Record, data, str(path))
+
+
+def load_records(root: Path) -> list[Record]:
+    """All records under ``root`` by key; a key that disagrees with its path is an error."""
+    root = Path(root)
+    out = []
+    for path in sorted(root.glob("*/*/*/*/seed*.json")):
+        rec = read_record(path)
+        if record_path(root, rec) != path:
+            raise CropbenchError(
+                f"{path}: record key {rec.key} does not match its location "
+                f"(expected {record_path(root, rec)})"
+            )
+        out.append(rec)
+    return sorted(out, key=lambda r: r.key)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        res = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def recipe_hash(recipe_dict: dict) -> str:
+    """Same hash as ``Recipe.hash()``: sha256 of the sorted-key JSON, first 16 hex digits."""
+    return hashlib.sha256(
+        json.dumps(recipe_dict, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchvision
+
+    import cropbench
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cropbench": cropbench.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def collect_provenance(recipe_dict: dict, device: str, command: str | list[str]) -> dict[str, Any]:
+    """Where a record came from. ``git_commit``/``git_dirty`` are None outside a git checkout;
+    ``git_dirty`` ignores untracked files."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "recipe": recipe_dict,
+        "recipe_hash": recipe_hash(recipe_dict),
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "versions": package_versions(),
+        "device": str(device),
+        "command": command if isinstance(command, str) else " ".join(command),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+    }

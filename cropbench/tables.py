@@ -1,0 +1,245 @@
+"""Tables generated from records only (never edited by hand): the leaderboard and the per-run table.
+
+``leaderboard`` prints one table per (scale, modality) group: rows are entry/variant, columns are
+evaluation/metric as mean ± sample std over seeds (plain mean with one seed), plus pretraining
+throughput and the number of seeds. Rows whose recipe has ``deviations`` carry a ``[n]`` marker and
+a footnote listing them. The output is a pure function of the records (sorted, fixed formats, no
+timestamps), so regenerating it gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+from cropbench.errors import CropbenchError, UnknownNameError
+from cropbench.records import Record, atomic_write_text
+
+FORMATS = ("md", "csv", "latex", "html")
+RANDOM_INIT = "+random_init"  # suffix of the runner's random-init baseline variant
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else ("nan" if math.isnan(x) else f"{x:.2f}")
+
+
+def _stat(values: list[float]) -> tuple[float, float | None]:
+    """(mean, sample std or None with a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = _stat(values)
+    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _eval_info(name: str) -> tuple[str, tuple[str, ...]]:
+    """(modality, metric order) of a registered evaluation; ("other", ()) for an unknown name."""
+    from cropbench.registry import EVALUATIONS
+
+    try:
+        ev = EVALUATIONS.get(name)
+    except UnknownNameError:
+        return "other", ()
+    return ev.modality, tuple(ev.metrics)
+
+
+@dataclass
+class _Row:
+    entry: str
+    variant: str
+    values: dict[tuple[str, str], list[float]]  # (eval, metric) -> one value per seed
+    throughput: dict[int, float]  # seed -> pretrain images/s (one pretraining per seed)
+    seeds: set[int]
+    deviations: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry}/{self.variant}"
+
+
+def _rows(records: Iterable[Record]) -> list[_Row]:
+    rows: dict[tuple[str, str], _Row] = {}
+    for rec in sorted(records, key=lambda r: r.key):
+        row = rows.setdefault(
+            (rec.entry, rec.variant), _Row(rec.entry, rec.variant, defaultdict(list), {}, set(), {})
+        )
+        for metric, value in sorted(rec.metrics.items()):
+            row.values[(rec.eval, metric)].append(float(value))
+        if "images_per_s" in rec.pretrain:
+            row.throughput[rec.seed] = float(rec.pretrain["images_per_s"])
+        row.seeds.add(rec.seed)
+        row.deviations.update(rec.deviations)
+    return [rows[k] for k in sorted(rows)]
+
+
+def _columns(rows: list[_Row]) -> list[tuple[str, str]]:
+    present = {c for r in rows for c in r.values}
+    cols = []
+    for ev in sorted({e for e, _ in present}):
+        order = _eval_info(ev)[1]
+        metrics = sorted(
+            {m for e, m in present if e == ev},
+            key=lambda m: (m not in order, order.index(m) if m in order else 0, m),
+        )
+        cols += [(ev, m) for m in metrics]
+    return cols
+
+
+def _groups(records: Iterable[Record]) -> dict[tuple[str, str], list[Record]]:
+    out: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for rec in records:
+        out[(rec.scale, _eval_info(rec.eval)[0])].append(rec)
+    return {k: out[k] for k in sorted(out)}
+
+
+@dataclass
+class _Table:
+    title: str
+    headers: list[str]
+    body: list[list[str]]
+    notes: list[str]  # deviation footnotes, "[n] entry/variant: key: why; ..."
+
+
+def _table(scale: str, group: str, records: list[Record]) -> _Table:
+    rows = _rows(records)
+    cols = _columns(rows)
+    body, notes = [], []
+    for r in rows:
+        label = r.label
+        if r.deviations:
+            notes.append(
+                f"[{len(notes) + 1}] {r.label}: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
+            )
+            label += f" [{len(notes)}]"
+        cells = [_cell(r.values[c]) if c in r.values else "–" for c in cols]
+        tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else "–"
+        body.append([label, *cells, tput, str(len(r.seeds))])
+    headers = ["entry/variant", *(f"{e}/{m}" for e, m in cols), "img/s", "seeds"]
+    return _Table(f"{scale} · {group}", headers, body, notes)
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\^{}",
+}
+
+
+def _latex_escape(s: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in s)
+
+
+def _render(t: _Table, fmt: str) -> str:
+    if fmt == "md":
+        notes = "".join(f"- {n}\n" for n in t.notes)
+        table = tabulate(t.body, t.headers, tablefmt="github", disable_numparse=True)
+        return f"## {t.title}\n\n{table}\n" + (f"\n{notes}" if notes else "")
+    if fmt == "latex":
+        notes = "".join(f"\\noindent {_latex_escape(n)}\\\\\n" for n in t.notes)
+        table = tabulate(t.body, t.headers, tablefmt="latex_booktabs", disable_numparse=True)
+        return f"\\subsection*{{{_latex_escape(t.title)}}}\n{table}\n{notes}"
+    notes = "".join(f"<li>{html.escape(n)}</li>\n" for n in t.notes)
+    table = tabulate(t.body, t.headers, tablefmt="html", disable_numparse=True)
+    return f"<h2>{html.escape(t.title)}</h2>\n{table}\n" + (
+        f'<ul class="deviations">\n{notes}</ul>\n' if notes else ""
+    )
+
+
+def _csv(records: list[Record]) -> str:
+    """One wide CSV: scale, group, entry, variant, then mean and std per eval/metric."""
+    groups = _groups(records)
+    cols = sorted({c for recs in groups.values() for r in _rows(recs) for c in r.values})
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(
+        [
+            "scale",
+            "group",
+            "entry",
+            "variant",
+            *(f"{e}/{m}{s}" for e, m in cols for s in ("", ":std")),
+            "images_per_s",
+            "seeds",
+            "deviations",
+        ]
+    )
+    for (scale, group), recs in groups.items():
+        for r in _rows(recs):
+            stats = [_stat(r.values[c]) if c in r.values else (None, None) for c in cols]
+            vals = [("" if v is None else f"{v:.4f}") for mean, std in stats for v in (mean, std)]
+            tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else ""
+            devs = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
+            w.writerow([scale, group, r.entry, r.variant, *vals, tput, len(r.seeds), devs])
+    return out.getvalue()
+
+
+def leaderboard(records: Iterable[Record], fmt: str = "md") -> str:
+    """All records as tables in ``fmt`` (md, csv, latex, html); same records -> same bytes."""
+    if fmt not in FORMATS:
+        raise CropbenchError(f"leaderboard format {fmt!r} is not one of {', '.join(FORMATS)}")
+    records = sorted(records, key=lambda r: r.key)
+    if fmt == "csv":
+        return _csv(records)
+    if not records:
+        return "(no records)\n"
+    return "\n".join(_render(_table(s, g, recs), fmt) for (s, g), recs in _groups(records).items())
+
+
+def write_leaderboard(records: Iterable[Record], path: Path, fmt: str = "md") -> Path:
+    """Write ``leaderboard(records, fmt)`` to ``path`` atomically."""
+    return atomic_write_text(Path(path), leaderboard(records, fmt))
+
+
+def run_table(records: Iterable[Record]) -> str:
+    """What the CLI prints after a run: each metric, pretrained next to its random-init baseline."""
+    records = sorted(records, key=lambda r: r.key)
+    baselines = {
+        (r.scale, r.entry, r.variant[: -len(RANDOM_INIT)], r.eval, r.seed): r
+        for r in records
+        if r.variant.endswith(RANDOM_INIT)
+    }
+    body = []
+    for r in records:
+        if r.variant.endswith(RANDOM_INIT):
+            continue
+        base = baselines.pop((r.scale, r.entry, r.variant, r.eval, r.seed), None)
+        for metric, value in sorted(r.metrics.items()):
+            ref = base.metrics.get(metric) if base else None
+            delta = f"{value - ref:+.2f}" if ref is not None else "–"
+            body.append(
+                [
+                    f"{r.entry}/{r.variant}",
+                    r.scale,
+                    r.eval,
+                    r.seed,
+                    metric,
+                    _fmt(value),
+                    _fmt(ref),
+                    delta,
+                ]
+            )
+    for r in baselines.values():  # random-init records whose pretrained twin is not in this set
+        body += [
+            [f"{r.entry}/{r.variant}", r.scale, r.eval, r.seed, m, "–", _fmt(v), "–"]
+            for m, v in sorted(r.metrics.items())
+        ]
+    headers = ["entry/variant", "scale", "eval", "seed", "metric", "pretrained", "random init", "Δ"]
+    return tabulate(body, headers, tablefmt="simple", disable_numparse=True) + "\n"
