@@ -1,0 +1,176 @@
+"""Mask-pooled contrastive learning (DetCon-B loss) as CYBORGS uses it.
+
+[Hénaff et al., DetCon, ICCV 2021; REPO deepmind/detcon@8a3c5d8] and [Wang, Zhao, Gao, CYBORGS,
+ECCV 2022; REPO renwang435/CYBORGS@5737d31 ``model/builder.py``, ``model/losses.py``]:
+
+* ``crop_masks``: carry integer segment maps through the views' crop + resize + flip (nearest);
+* ``masks_to_grid``: one-hot the segments, average-pool each to the feature grid, give every cell
+  its majority segment (cells that are all "ignore" (-1) stay -1);
+* ``sample_segments``: draw R segment ids per view uniformly among the segments present;
+* ``mask_pool``: the mean feature of each sampled segment's cells;
+* ``hypercolumn``: CYBORGS' features: C3, C4 average-pooled to the C5 grid and concatenated;
+* ``detcon_loss``: InfoNCE over segment vectors, positive = the other view's target vector of the
+  same segment of the same image, negatives = every other target vector of the (gathered) batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cropbench.dist import DistContext, gather_no_grad
+
+IGNORE = -1  # segment id of pixels that belong to no segment (e.g. padding)
+
+
+def crop_masks(masks: Tensor, boxes: Tensor, flipped: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour crop-resize-flip of segment maps, the views' geometry. -> B×h×w long.
+
+    masks: B×H×W integer ids; boxes: B×4 (x0, y0, x1, y1) canvas pixels, pixel k covering [k, k+1);
+    output pixel u samples the source pixel containing ``x0 + (u + 0.5)·(x1 - x0)/w``.
+    """
+    b, hh, ww = masks.shape
+    h, w = out_hw
+    u = (torch.arange(w, device=masks.device).float() + 0.5) / w  # B×w after broadcasting
+    v = (torch.arange(h, device=masks.device).float() + 0.5) / h
+    bx = boxes.float().to(masks.device)
+    xs = (bx[:, :1] + u * (bx[:, 2:3] - bx[:, :1])).floor().long().clamp(0, ww - 1)  # B×w
+    ys = (bx[:, 1:2] + v * (bx[:, 3:4] - bx[:, 1:2])).floor().long().clamp(0, hh - 1)  # B×h
+    xs = torch.where(flipped.view(-1, 1).to(masks.device), xs.flip(1), xs)
+    rows = torch.gather(masks, 1, ys.unsqueeze(2).expand(-1, -1, ww))  # B×h×W
+    return torch.gather(rows, 2, xs.unsqueeze(1).expand(-1, h, -1))
+
+
+def masks_to_grid(masks: Tensor, grid_hw: tuple[int, int], num_segments: int) -> Tensor:
+    """Majority segment id per feature cell: B×H×W ids -> B×gh×gw long (-1: no valid pixel).
+
+    Ids must lie in [-1, num_segments); anything else is an error (the official code silently
+    drops ids >= 81, which can leave a view without segments).
+    """
+    lo, hi = int(masks.min()), int(masks.max())
+    if lo < IGNORE or hi >= num_segments:
+        raise ValueError(
+            f"segment ids must lie in [-1, {num_segments}), got range [{lo}, {hi}]; "
+            f"raise num_segments or relabel the masks"
+        )
+    onehot = (
+        F.one_hot((masks + 1).long(), num_segments + 1).permute(0, 3, 1, 2).float()
+    )  # B×(S+1)×H×W
+    area = F.adaptive_avg_pool2d(
+        onehot, grid_hw
+    )  # fraction of each cell per segment (slot 0 = ignore)
+    best = area[:, 1:].max(dim=1)
+    return torch.where(best.values > 0, best.indices, torch.full_like(best.indices, IGNORE))
+
+
+def sample_segments(
+    grid_ids: Tensor, n: int, num_segments: int, generator: torch.Generator
+) -> Tensor:
+    """R = n segment ids per view, uniform with replacement among those present. -> B×n long.
+
+    A view with no valid cell gets ids -1 (its terms then carry zero weight in ``detcon_loss``).
+    """
+    b = grid_ids.shape[0]
+    present = torch.zeros(b, num_segments + 1, device=grid_ids.device)
+    present.scatter_(1, (grid_ids.reshape(b, -1) + 1), 1.0)
+    present = present[:, 1:]
+    empty = present.sum(1) == 0
+    probs = torch.where(empty.unsqueeze(1), torch.ones_like(present), present)
+    draw = torch.multinomial(
+        probs.to(generator.device), n, replacement=True, generator=generator
+    ).to(grid_ids.device)
+    return torch.where(empty.unsqueeze(1), torch.full_like(draw, IGNORE), draw)
+
+
+def mask_pool(features: Tensor, grid_ids: Tensor, seg_ids: Tensor) -> Tensor:
+    """Mean feature over the cells of each sampled segment: B×C×gh×gw, B×gh×gw, B×R -> B×R×C.
+
+    Segments with no cell in the view (or id -1) pool to zeros.
+    """
+    member = (grid_ids.flatten(1).unsqueeze(1) == seg_ids.unsqueeze(2)) & (
+        seg_ids.unsqueeze(2) >= 0
+    )  # B×R×N
+    weights = member.float() / member.sum(2, keepdim=True).clamp_min(1)
+    return torch.bmm(weights.to(features.dtype), features.flatten(2).transpose(1, 2))
+
+
+def hypercolumn(stages: list[Tensor]) -> Tensor:
+    """Average-pool every map to the last one's grid and concatenate channels. -> B×ΣC×h×w."""
+    h, w = stages[-1].shape[2:]
+    return torch.cat(
+        [F.adaptive_avg_pool2d(s, (h, w)) if s.shape[2:] != (h, w) else s for s in stages], dim=1
+    )
+
+
+def _one_direction(
+    pred: Tensor,
+    pid: Tensor,
+    t_other: Tensor,
+    tid_other: Tensor,
+    t_same: Tensor,
+    tid_same: Tensor,
+    offset: int,
+    temperature: float,
+) -> Tensor:
+    """View-a predictions against [other-view targets, same-view targets] of the gathered batch."""
+    b, r, _ = pred.shape
+    img = (
+        torch.arange(b, device=pred.device) + offset
+    )  # each local image's row in the gathered batch
+    same_img = img.view(b, 1, 1, 1) == torch.arange(t_other.shape[0], device=pred.device).view(
+        1, 1, -1, 1
+    )
+    valid = pid.unsqueeze(2).unsqueeze(3) >= 0
+    pos = (
+        same_img & (pid.view(b, r, 1, 1) == tid_other.view(1, 1, *tid_other.shape)) & valid
+    )  # B×R×B'×R
+    self_match = same_img & (pid.view(b, r, 1, 1) == tid_same.view(1, 1, *tid_same.shape)) & valid
+    no_seg_o, no_seg_s = (
+        (tid_other < 0).view(1, 1, *tid_other.shape),
+        (tid_same < 0).view(1, 1, *tid_same.shape),
+    )
+    logits_o = torch.einsum("brd,ukd->bruk", pred, t_other) / temperature - 1e9 * no_seg_o.float()
+    logits_s = (
+        torch.einsum("brd,ukd->bruk", pred, t_same) / temperature
+        - 1e9 * (self_match | no_seg_s).float()
+    )
+    logits = torch.cat([logits_o, logits_s], dim=2).reshape(b, r, -1)
+    labels = torch.cat([pos, torch.zeros_like(self_match)], dim=2).reshape(b, r, -1).float()
+    n_pos = labels.sum(-1, keepdim=True)
+    labels = labels / n_pos.clamp_min(1)
+    multiplicity = self_match.float().sum(dim=(2, 3)).clamp_min(1)  # same id sampled several times
+    weight = (n_pos.squeeze(-1) > 0).float() / multiplicity
+    return (-(labels * F.log_softmax(logits, dim=-1)).sum(-1) * weight).mean()
+
+
+def detcon_loss(
+    pred1: Tensor,
+    pred2: Tensor,
+    target1: Tensor,
+    target2: Tensor,
+    pid1: Tensor,
+    pid2: Tensor,
+    tid1: Tensor,
+    tid2: Tensor,
+    temperature: float,
+    dist: DistContext | None = None,
+) -> Tensor:
+    """DetCon-B loss, both directions summed.
+
+    pred*: B×R×D online predictions of views 1, 2; target*: B×R×D target projections (no grad);
+    pid*/tid*: B×R sampled segment ids (-1 = none). For prediction (b, r) of view a: positives are
+    view-b targets of image b with the same id (averaged when several), logits of view-a targets
+    of image b with the same id and targets without a segment (-1) are masked out, all other
+    gathered targets are negatives; each
+    term is weighted by [has a positive] / (number of view-a samples of that id in image b).
+    """
+    dist = dist or DistContext()
+    p1, p2 = F.normalize(pred1.float(), dim=-1), F.normalize(pred2.float(), dim=-1)
+    t1 = gather_no_grad(F.normalize(target1.detach().float(), dim=-1), dist)
+    t2 = gather_no_grad(F.normalize(target2.detach().float(), dim=-1), dist)
+    g1, g2 = gather_no_grad(tid1, dist), gather_no_grad(tid2, dist)
+    offset = dist.rank * pred1.shape[0]
+    return _one_direction(p1, pid1, t2, g2, t1, g1, offset, temperature) + _one_direction(
+        p2, pid2, t1, g1, t2, g2, offset, temperature
+    )
