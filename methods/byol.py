@@ -1,0 +1,89 @@
+"""BYOL (Grill et al. 2020, arXiv 2006.07733): online network + predictor regresses an EMA target
+network's projection of the other view; asymmetric views; τ from 0.996 to 1 on a cosine schedule.
+
+Reusable parts (CYBORGS builds on them): ``online`` / ``target`` forward the two branches,
+``regression_loss`` is the symmetrised normalised MSE, ``momentum_pairs`` lists what the EMA moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.heads import byol_mlp
+from cropbench.methods.losses import normalized_mse, symmetric
+from cropbench.methods.momentum import cosine_momentum, ema_update, momentum_copy
+from cropbench.methods.views import ViewConfig, make_view
+from torch import Tensor, nn
+
+from cropbench.registry import METHODS
+
+
+def byol_views() -> ViewConfig:
+    """BYOL's shared view part (Table 6): crop 0.08, jitter (.4, .4, .2, .1) p .8, gray .2."""
+    return ViewConfig(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+
+
+@METHODS.register("byol")
+class BYOL(SSLMethod):
+    @dataclass(frozen=True)
+    class Config:
+        views: ViewConfig = field(default_factory=byol_views)  # shared part of the two views
+        blur_p: tuple[float, float] = (
+            1.0,
+            0.1,
+        )  # BYOL Table 6: view 1 always blurred, view 2 rarely
+        solarize_p: tuple[float, float] = (0.0, 0.2)  # BYOL Table 6: only view 2 solarised
+        hidden_dim: int = 4096  # projector and predictor width (BYOL §3.3)
+        out_dim: int = 256  # projection size (BYOL §3.3)
+        base_momentum: float = 0.996  # τ_base (BYOL §3.3)
+        final_momentum: float = 1.0  # τ at the last step (BYOL: 1)
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+        super().__init__(cfg, backbone, ctx)
+        self.projector = byol_mlp(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
+        self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
+        self.target_backbone = momentum_copy(backbone)
+        self.target_projector = momentum_copy(self.projector)
+        self.view_configs = [
+            replace(cfg.views, blur_p=b, solarize_p=s)
+            for b, s in zip(cfg.blur_p, cfg.solarize_p, strict=True)
+        ]
+
+    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
+        return [make_view(batch.images, vc, generator) for vc in self.view_configs]
+
+    def online(self, x: Tensor) -> Tensor:
+        """B×3×h×w -> B×out_dim predictions q(g(f(x)))."""
+        return self.predictor(self.projector(self.backbone(x)))
+
+    @torch.no_grad()
+    def target(self, x: Tensor) -> Tensor:
+        """B×3×h×w -> B×out_dim target projections (no gradient)."""
+        return self.target_projector(self.target_backbone(x))
+
+    def regression_loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        """BYOL's L + L̃: each prediction regresses the target projection of the *other* view."""
+        return symmetric(normalized_mse, p1, p2, z1, z2, weight=1.0)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
+        v1, v2 = self.make_views(batch, generator)
+        p1, p2 = self.online(v1.tensor), self.online(v2.tensor)
+        z1, z2 = self.target(v1.tensor), self.target(v2.tensor)
+        loss = self.regression_loss(p1, p2, z1, z2)
+        return StepOutput(loss, {"momentum": self.momentum_at(step)})
+
+    def momentum_at(self, step: int) -> float:
+        """τ_k of BYOL's cosine schedule over ``ctx.total_steps`` (BYOL §3.3)."""
+        cfg = self.cfg
+        return cosine_momentum(step, self.ctx.total_steps, cfg.base_momentum, cfg.final_momentum)
+
+    def after_step(self, step: int) -> None:
+        """EMA update of the target branch with τ of this step."""
+        tau = self.momentum_at(step)
+        for online, target in self.momentum_pairs():
+            ema_update(target, online, tau)

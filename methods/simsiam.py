@@ -1,0 +1,63 @@
+"""SimSiam (Chen & He 2021, arXiv 2011.10566): one shared encoder, a predictor, stop-gradient,
+symmetric negative cosine; MoCo v2 augmentation; the predictor keeps a fixed lr (``--fix-pred-lr``).
+
+Reusable parts (RegionCL-S builds on them): ``project`` / ``predict`` and ``siamese_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.heads import simsiam_predictor, simsiam_projector
+from cropbench.methods.losses import negative_cosine, symmetric
+from cropbench.methods.views import ViewConfig, make_view
+from torch import Tensor, nn
+
+from cropbench.registry import METHODS
+
+
+@METHODS.register("simsiam")
+class SimSiam(SSLMethod):
+    @dataclass(frozen=True)
+    class Config:
+        views: ViewConfig = field(default_factory=ViewConfig)  # SimSiam uses MoCo v2's augmentation
+        dim: int = 2048  # projector width and output (simsiam --dim)
+        pred_dim: int = 512  # predictor bottleneck (simsiam --pred-dim)
+        fix_pred_lr: bool = True  # simsiam --fix-pred-lr: predictor lr not decayed by the schedule
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+        super().__init__(cfg, backbone, ctx)
+        self.projector = simsiam_projector(backbone.feat_dim, cfg.dim)
+        self.predictor = simsiam_predictor(cfg.dim, cfg.pred_dim)
+
+    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
+        return [make_view(batch.images, self.cfg.views, generator) for _ in range(2)]
+
+    def project(self, x: Tensor) -> Tensor:
+        """B×3×h×w -> B×dim projections z."""
+        return self.projector(self.backbone(x))
+
+    def predict(self, z: Tensor) -> Tensor:
+        return self.predictor(z)
+
+    def siamese_loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        """L = ½ D(p1, sg(z2)) + ½ D(p2, sg(z1)) (SimSiam eq. 2)."""
+        return symmetric(negative_cosine, p1, p2, z1, z2, weight=0.5)
+
+    def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
+        v1, v2 = self.make_views(batch, generator)
+        z1, z2 = self.project(v1.tensor), self.project(v2.tensor)
+        p1, p2 = self.predict(z1), self.predict(z2)
+        return StepOutput(self.siamese_loss(p1, p2, z1, z2))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Encoder + projector follow the schedule; the predictor gets ``fixed_lr`` if asked."""
+        pred = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
+        return [
+            {"params": rest},
+            {"params": list(self.predictor.parameters()), "fixed_lr": self.cfg.fix_pred_lr},
+        ]
