@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from cropbench.methods.base import ViewProvenance
 from cropbench.methods.losses import info_nce
+from cropbench.methods.views import grid_centres
 from torch import Tensor, nn
 
 
@@ -137,3 +139,35 @@ def dense_infonce(
     """
     cells = lambda g: g.transpose(1, 2).reshape(-1, g.shape[1])  # noqa: E731  B×D×N -> (B·N)×D
     return info_nce(cells(q_grid), cells(gather_cells(k_grid, index)), queue, temperature)
+
+
+def geometric_truth(
+    prov_q: ViewProvenance, prov_k: ViewProvenance, grid: tuple[int, int]
+) -> Tensor:
+    """The key cell that truly shows each query cell's centre, from the views' provenance.
+
+    -> B×Nq long; -1 where the query cell's centre (mapped to the canvas) is outside the key view.
+    Used to score matchers (DenseCL's WTA, HoughCL's voting) during training; never in the loss.
+    """
+    gh, gw = grid
+    centres = grid_centres(prov_q, grid)  # B×Nq×2 canvas (x, y)
+    kb = prov_k.boxes.float().to(centres.device)
+    u = (centres[..., 0] - kb[:, :1]) / (kb[:, 2:3] - kb[:, :1])  # fraction of the key box width
+    v = (centres[..., 1] - kb[:, 1:2]) / (kb[:, 3:4] - kb[:, 1:2])
+    u = torch.where(prov_k.flipped.to(u.device).view(-1, 1), 1 - u, u)
+    inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+    cell = (v * gh).floor().long().clamp(0, gh - 1) * gw + (u * gw).floor().long().clamp(0, gw - 1)
+    return torch.where(inside, cell, torch.full_like(cell, -1))
+
+
+def match_accuracy(index: Tensor, truth: Tensor) -> Tensor:
+    """Fraction of query cells with a true correspondence (truth >= 0) matched to exactly it.
+
+    A 0-d tensor on the input's device (no host sync inside a training step); NaN if no cell
+    has one.
+    """
+    valid = truth >= 0
+    hits = ((index == truth) & valid).sum().float()
+    return torch.where(
+        valid.any(), hits / valid.sum().clamp_min(1), torch.full_like(hits, float("nan"))
+    )

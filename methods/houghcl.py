@@ -16,8 +16,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from cropbench.methods.dense import hough_match, wta_match
+from cropbench.methods.dense import hough_match, match_accuracy, wta_match
+from cropbench.methods.densecl import DenseCL
 from torch import Tensor
+
+from cropbench.registry import METHODS
+
+
+@METHODS.register("houghcl")
+class HoughCL(DenseCL):
+    """DenseCL whose dense positives come from Hough voting over match offsets (no new parameters).
+
+    The paper's Hough-space details (bin size, scale bins, features, smoothing) could not be read
+    (papers.md §5.2, [UNVERIFIED]); we vote over translation offsets of backbone C5 cells, the
+    features DenseCL matches on, with the bin size and per-cell top-k as config fields.
+    """
+
+    @dataclass(frozen=True)
+    class Config(DenseCL.Config):
+        hough_bin_size: int = 1  # offset bin side in C5 cells ([UNVERIFIED]: not in our sources)
+        hough_topk: int = 0  # votes per query cell (0 = all candidates, similarity-weighted)
+
+    def match(self, c5_q: Tensor, c5_k: Tensor) -> Tensor:
+        """argmax_j sim(i, j) · H[bin(pos_j - pos_i)] over the key cells. -> B×S² long."""
+        return hough_match(c5_q, c5_k, self.cfg.hough_bin_size, self.cfg.hough_topk)[0]
 
 
 @dataclass(frozen=True)
@@ -79,12 +101,6 @@ def synthetic_shift_pairs(
     return ShiftPairs(to_map(q), to_map(k), truth, shift)
 
 
-def match_accuracy(index: Tensor, truth: Tensor) -> float:
-    """Fraction of query cells with a true correspondence whose chosen key cell is that one."""
-    valid = truth >= 0
-    return float((index[valid] == truth[valid]).float().mean())
-
-
 def compare_matchers(pairs: ShiftPairs, bin_size: int = 1, topk: int = 0) -> dict[str, float]:
     """Accuracy of winner-takes-all (DenseCL) vs Hough voting (HoughCL) on the same pairs."""
     matchers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -92,6 +108,6 @@ def compare_matchers(pairs: ShiftPairs, bin_size: int = 1, topk: int = 0) -> dic
         "hough": lambda a, b: hough_match(a, b, bin_size=bin_size, topk=topk)[0],
     }
     return {
-        name: match_accuracy(fn(pairs.feat_q, pairs.feat_k), pairs.truth)
+        name: float(match_accuracy(fn(pairs.feat_q, pairs.feat_k), pairs.truth))
         for name, fn in matchers.items()
     }
