@@ -54,12 +54,8 @@ def masks_to_grid(masks: Tensor, grid_hw: tuple[int, int], num_segments: int) ->
             f"segment ids must lie in [-1, {num_segments}), got range [{lo}, {hi}]; "
             f"raise num_segments or relabel the masks"
         )
-    onehot = (
-        F.one_hot((masks + 1).long(), num_segments + 1).permute(0, 3, 1, 2).float()
-    )  # B×(S+1)×H×W
-    area = F.adaptive_avg_pool2d(
-        onehot, grid_hw
-    )  # fraction of each cell per segment (slot 0 = ignore)
+    onehot = F.one_hot((masks + 1).long(), num_segments + 1).permute(0, 3, 1, 2).float()
+    area = F.adaptive_avg_pool2d(onehot, grid_hw)  # B×(S+1)×gh×gw, slot 0 = ignore
     best = area[:, 1:].max(dim=1)
     return torch.where(best.values > 0, best.indices, torch.full_like(best.indices, IGNORE))
 
@@ -88,9 +84,8 @@ def mask_pool(features: Tensor, grid_ids: Tensor, seg_ids: Tensor) -> Tensor:
 
     Segments with no cell in the view (or id -1) pool to zeros.
     """
-    member = (grid_ids.flatten(1).unsqueeze(1) == seg_ids.unsqueeze(2)) & (
-        seg_ids.unsqueeze(2) >= 0
-    )  # B×R×N
+    cell_ids, seg = grid_ids.flatten(1).unsqueeze(1), seg_ids.unsqueeze(2)
+    member = (cell_ids == seg) & (seg >= 0)  # B×R×N
     weights = member.float() / member.sum(2, keepdim=True).clamp_min(1)
     return torch.bmm(weights.to(features.dtype), features.flatten(2).transpose(1, 2))
 
@@ -115,26 +110,17 @@ def _one_direction(
 ) -> Tensor:
     """View-a predictions against [other-view targets, same-view targets] of the gathered batch."""
     b, r, _ = pred.shape
-    img = (
-        torch.arange(b, device=pred.device) + offset
-    )  # each local image's row in the gathered batch
-    same_img = img.view(b, 1, 1, 1) == torch.arange(t_other.shape[0], device=pred.device).view(
-        1, 1, -1, 1
-    )
-    valid = pid.unsqueeze(2).unsqueeze(3) >= 0
-    pos = (
-        same_img & (pid.view(b, r, 1, 1) == tid_other.view(1, 1, *tid_other.shape)) & valid
-    )  # B×R×B'×R
-    self_match = same_img & (pid.view(b, r, 1, 1) == tid_same.view(1, 1, *tid_same.shape)) & valid
-    no_seg_o, no_seg_s = (
-        (tid_other < 0).view(1, 1, *tid_other.shape),
-        (tid_same < 0).view(1, 1, *tid_same.shape),
-    )
-    logits_o = torch.einsum("brd,ukd->bruk", pred, t_other) / temperature - 1e9 * no_seg_o.float()
-    logits_s = (
-        torch.einsum("brd,ukd->bruk", pred, t_same) / temperature
-        - 1e9 * (self_match | no_seg_s).float()
-    )
+    n_all = t_other.shape[0]  # images in the gathered batch
+    img = torch.arange(b, device=pred.device) + offset  # local images' rows in the gathered batch
+    same_img = img.view(b, 1, 1, 1) == torch.arange(n_all, device=pred.device).view(1, 1, -1, 1)
+    p = pid.view(b, r, 1, 1)
+    valid = p >= 0
+    pos = same_img & (p == tid_other.view(1, 1, n_all, -1)) & valid  # B×R×B'×R
+    self_match = same_img & (p == tid_same.view(1, 1, n_all, -1)) & valid
+    drop_o = (tid_other < 0).view(1, 1, n_all, -1).float()  # targets without a segment
+    drop_s = (self_match | (tid_same < 0).view(1, 1, n_all, -1)).float()
+    logits_o = torch.einsum("brd,ukd->bruk", pred, t_other) / temperature - 1e9 * drop_o
+    logits_s = torch.einsum("brd,ukd->bruk", pred, t_same) / temperature - 1e9 * drop_s
     logits = torch.cat([logits_o, logits_s], dim=2).reshape(b, r, -1)
     labels = torch.cat([pos, torch.zeros_like(self_match)], dim=2).reshape(b, r, -1).float()
     n_pos = labels.sum(-1, keepdim=True)
