@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from collections.abc import Iterable
+
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,22 @@ def all_reduce_mean(x: Tensor, ctx: DistContext) -> Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / ctx.world_size
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter], ctx: DistContext) -> None:
+    """Average gradients over processes in one flat all-reduce (what DDP does, minus bucketing)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not ctx.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def params_checksum(module: nn.Module) -> float:
+    """Sum of all parameters in float64: equal on every rank when data-parallel training is in sync."""
+    return float(sum(p.detach().double().sum() for p in module.parameters()))

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from cropbench.backbones import build_backbone
 from cropbench.config import deep_merge, from_dict
 from cropbench.data import build_dataset, default_data_root
-from cropbench.dist import DistContext
-from cropbench.errors import ConfigError, CropbenchError
+from cropbench.dist import DistContext, params_checksum
+from cropbench.errors import ConfigError, CropbenchError, TrainingError
 from cropbench.recipe import Entry, Recipe, load_entry
 from cropbench.registry import EVALUATIONS, METHODS
 from cropbench.trainer import Trainer, TrainResult
@@ -122,8 +122,8 @@ def _ddp_worker(recipe: Recipe, run_dir: Path, data_root: Path | None, device_na
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        _, result = pretrain_local(recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where)
-        return result.summary()
+        method, result = pretrain_local(recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where)
+        return {**result.summary(), "params_checksum": params_checksum(method)}
     finally:
         dist.destroy_process_group()
 
@@ -142,6 +142,9 @@ def pretrain_distributed(recipe: Recipe, run_dir: Path, data_root: Path | None, 
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, start_method="spawn")
     results = elastic_launch(cfg, _ddp_worker)(recipe, run_dir, data_root, device.type, resume, where)
+    sums = [results[r]["params_checksum"] for r in sorted(results)]
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise TrainingError(f"data-parallel ranks ended with different weights (parameter sums {sums})")
     s = results[0]
     return TrainResult(s["loss_first"], s["loss_last"], int(s["epochs"]), int(s["steps"]), s["images_per_s"], s["wall_s"],
                        run_dir / "checkpoint.pt")

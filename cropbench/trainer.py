@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from cropbench.data.images import collate_images
-from cropbench.dist import DistContext, all_reduce_mean
+from cropbench.dist import DistContext, all_reduce_grads, all_reduce_mean
 from cropbench.errors import TrainingError
 from cropbench.optim import build_optimizer, lr_at, named_params, set_lr
 from cropbench.recipe import Recipe
@@ -167,18 +166,6 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------- loop
-    def _all_reduce_grads(self) -> None:
-        grads = [p.grad for p in self.method.parameters() if p.grad is not None]
-        if not self.dist.enabled or not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.dist.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         tc, s = self.recipe.train, self.state
         set_lr(self.optimizer, lr_at(s.step, self.steps_per_epoch, tc.epochs, self.base_lr, self.recipe.optim), self.base_lr)
@@ -188,7 +175,7 @@ class Trainer:
             out = self.method.training_step(batch, s.step, gen)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        self._all_reduce_grads()
+        all_reduce_grads(self.method.parameters(), self.dist)
         if tc.grad_clip:
             nn.utils.clip_grad_norm_(self.method.parameters(), tc.grad_clip)
         self.optimizer.step()
@@ -209,15 +196,15 @@ class Trainer:
             if i >= self.steps_per_epoch:
                 break
             loss_t, logs = self._step(batch)
-            s.step += 1
-            s.images += len(batch) * self.dist.world_size
-            on_cpu_or_log = self.device.type == "cpu" or s.step % tc.log_every == 0
-            if on_cpu_or_log:  # a host sync: every step on CPU (free), every log_every on CUDA
+            if self.device.type == "cpu" or s.step == 0 or (s.step + 1) % tc.log_every == 0:
+                # a host sync: every step on CPU (free), every log_every steps on CUDA
                 loss = all_reduce_mean(loss_t, self.dist).item()
                 self._check_finite(loss)
                 if math.isnan(s.loss_first):
                     s.loss_first = loss
                 losses.append(loss)
+            s.step += 1
+            s.images += len(batch) * self.dist.world_size
             if s.step % tc.log_every == 0:
                 ips = (s.images - n0) / max(1e-9, time.perf_counter() - t0)
                 s.history.append({"epoch": epoch + 1, "step": s.step, "loss": losses[-1], "lr": self.optimizer.param_groups[0]["lr"],
