@@ -128,11 +128,15 @@ def load_records(root: Path) -> list[Record]:
     return sorted(out, key=lambda r: r.key)
 
 
-def _git(*args: str) -> str | None:
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str, cwd: Path = PACKAGE_DIR) -> str | None:
+    """``git <args>`` output in ``cwd``; None when git is missing or ``cwd`` is not a checkout."""
     try:
         res = subprocess.run(
             ["git", *args],
-            cwd=Path(__file__).resolve().parent,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=20,
@@ -166,11 +170,13 @@ def package_versions() -> dict[str, str]:
     }
 
 
-def collect_provenance(recipe_dict: dict, device: str, command: str | list[str]) -> dict[str, Any]:
-    """Where a record came from. ``git_commit``/``git_dirty`` are None outside a git checkout;
-    ``git_dirty`` ignores untracked files."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+def collect_provenance(
+    recipe_dict: dict, device: str, command: str | list[str], repo_dir: Path = PACKAGE_DIR
+) -> dict[str, Any]:
+    """Where a record came from. ``git_commit``/``git_dirty`` describe the checkout that holds
+    ``repo_dir`` (default: this package) and are None outside one; untracked files are not dirt."""
+    commit = _git("rev-parse", "HEAD", cwd=repo_dir)
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=repo_dir) if commit else None
     return {
         "recipe": recipe_dict,
         "recipe_hash": recipe_hash(recipe_dict),

@@ -1,0 +1,211 @@
+"""`cropbench check`: goldens, references and claims, against hand-computed misses."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cropbench.checks import Miss, check, load_tolerances
+from cropbench.errors import ConfigError
+from cropbench.records import Record, write_record
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rec(
+    entry: str = "simclr",
+    variant: str = "default",
+    ev: str = "knn",
+    seed: int = 0,
+    scale: str = "micro",
+    top1: float = 60.0,
+    loss_first: float = 5.0,
+    loss_last: float = 2.0,
+) -> Record:
+    return Record(
+        entry,
+        variant,
+        scale,
+        ev,
+        seed,
+        {"top1": top1, "top5": 90.0},
+        {"loss_first": loss_first, "loss_last": loss_last, "images_per_s": 50.0},
+        1.0,
+        {},
+    )
+
+
+def write_entry(
+    root: Path, name: str, references: list | None = None, claims: list | None = None
+) -> None:
+    data = {
+        "name": name,
+        "paper": {"title": name, "arxiv": "0000.00000"},
+        "description": name,
+        "variants": {"default": {}, "big": {}},
+        "references": references or [],
+        "claims": claims or [],
+    }
+    (root / name).mkdir(parents=True)
+    (root / name / "entry.yaml").write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(records, golden, entries); golden: two micro goldens and the committed tolerance file."""
+    records, golden, entries = tmp_path / "records", tmp_path / "golden", tmp_path / "entries"
+    golden.mkdir()
+    entries.mkdir()
+    shutil.copy(REPO / "results" / "golden" / "tolerances.yaml", golden / "tolerances.yaml")
+    for r in (rec(), rec(ev="linear", top1=70.0)):
+        write_record(golden, r)
+    return records, golden, entries
+
+
+def test_matching_records_pass(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    write_record(records, rec())
+    write_record(
+        records, rec(ev="linear", top1=70.0 + 1.9, loss_first=5.0 * (1 + 5e-5), loss_last=2.03)
+    )
+    report = check(records, golden, entries)
+    assert report.passed, report.table()
+    assert report.checked == 2 * (2 + 2)  # 2 goldens × (top1, top5, loss_first, loss_last)
+    assert report.table() == "check passed: 8 comparisons, 0 misses\n"
+
+
+def test_moved_metric_and_loss_are_misses_with_the_numbers(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    write_record(records, rec(top1=63.0, loss_first=5.002))  # +3 points; loss_first +4e-4 relative
+    write_record(records, rec(ev="linear", top1=70.0, loss_last=float("nan")))
+    report = check(records, golden, entries)
+    got = {(m.key, m.metric): m for m in report.misses}
+    assert set(got) == {
+        ("micro/simclr/default/knn/seed0", "top1"),
+        ("micro/simclr/default/knn/seed0", "pretrain.loss_first"),
+        ("micro/simclr/default/linear/seed0", "pretrain.loss_last"),
+    }
+    top1 = got[("micro/simclr/default/knn/seed0", "top1")]
+    assert (top1.expected, top1.got, top1.tolerance) == (
+        60.0,
+        63.0,
+        2.0,
+    ) and "golden" in top1.reason
+    lf = got[("micro/simclr/default/knn/seed0", "pretrain.loss_first")]
+    assert lf.expected == 5.0 and lf.got == 5.002 and lf.tolerance == pytest.approx(5e-4)
+    assert math.isnan(got[("micro/simclr/default/linear/seed0", "pretrain.loss_last")].got)
+    assert not report.passed
+
+
+def test_missing_record_is_not_run_unless_allowed(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    write_record(records, rec())
+    report = check(records, golden, entries)
+    assert report.misses == [
+        Miss("micro/simclr/default/linear/seed0", "*", None, None, None, "not run")
+    ]
+    assert check(records, golden, entries, allow_missing=True).passed
+    assert check(records, golden, entries, scale="small").checked == 0  # no goldens at that scale
+
+
+def test_references_at_their_scale(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    ref = {
+        "eval": "linear",
+        "metric": "top1",
+        "value": 67.5,
+        "source": "moco README",
+        "scale": "small",
+        "tolerance": 1.0,
+    }
+    write_entry(
+        entries, "simclr", references=[ref, {**ref, "scale": "paper"}]
+    )  # no paper records: skipped
+    for seed, top1 in ((0, 65.0), (1, 67.0)):  # mean 66.0: 1.5 below the reference
+        write_record(records, rec(scale="small", ev="linear", seed=seed, top1=top1))
+    report = check(records, golden, entries, scale="small")
+    assert report.checked == 1
+    assert report.misses == [
+        Miss(
+            "small/simclr/default/linear",
+            "top1",
+            67.5,
+            66.0,
+            1.0,
+            "reference (moco README): off by -1.5",
+        )
+    ]
+
+
+def test_claims(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    claim = {
+        "text": "big beats simclr by >= 2",
+        "eval": "knn",
+        "metric": "top1",
+        "baseline": "simclr",
+        "variant": "big",
+        "min_delta": 2.0,
+        "scale": "small",
+    }
+    write_entry(
+        entries, "simclr", claims=[claim, {**claim, "eval": "linear"}]
+    )  # linear: no records, skipped
+    write_record(records, rec(scale="small", top1=60.0))
+    write_record(records, rec(scale="small", variant="big", top1=61.5))
+    report = check(records, golden, entries, scale="small")
+    assert report.checked == 1
+    [miss] = report.misses
+    assert (miss.key, miss.metric, miss.expected, miss.got) == (
+        "small/simclr/big/knn",
+        "top1",
+        62.0,
+        61.5,
+    )
+    assert miss.reason.startswith("claim: big beats simclr by >= 2 (Δ +1.50")
+    write_record(records, rec(scale="small", variant="big", top1=62.5))
+    assert check(records, golden, entries, scale="small").passed
+
+
+def test_table_lists_every_miss_deterministically(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    write_record(records, rec(top1=55.0))
+    a, b = check(records, golden, entries).table(), check(records, golden, entries).table()
+    assert a == b
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in a.splitlines()[:-1]]
+    assert rows[0] == ["key", "metric", "expected", "got", "tolerance", "reason"]
+    assert rows[2:] == [
+        ["micro/simclr/default/knn/seed0", "top1", "60", "55", "2", "golden: off by -5"],
+        ["micro/simclr/default/linear/seed0", "*", "–", "–", "–", "not run"],
+    ]
+    assert a.splitlines()[-1] == "check FAILED: 5 comparisons, 2 misses"
+
+
+def test_tolerance_file_is_validated(tmp_path: Path) -> None:
+    tol = load_tolerances(
+        REPO / "results" / "golden" / "tolerances.yaml"
+    )  # the committed file is valid
+    assert (
+        tol.for_metric("knn", "top1").abs is not None and tol.pretrain["loss_first"].rel is not None
+    )
+    bad = tmp_path / "tolerances.yaml"
+    bad.write_text("default: {abs: 1.0, rel: 0.1, why: both}\n")
+    with pytest.raises(ConfigError, match=f"{bad}: default: give exactly one of 'abs' or 'rel'"):
+        load_tolerances(bad)
+    bad.write_text("default: {abs: 1.0, why: ok}\nmetrics: {top1: {abs: 1.0, wy: typo}}\n")
+    with pytest.raises(ConfigError, match=r"metrics\.top1\.wy: unknown key"):
+        load_tolerances(bad)
+
+
+def test_golden_key_must_match_exactly(roots: tuple[Path, Path, Path]) -> None:
+    records, golden, entries = roots
+    write_record(records, replace(rec(), seed=1))
+    write_record(records, rec(ev="linear", top1=70.0))
+    assert [m.key for m in check(records, golden, entries).misses] == [
+        "micro/simclr/default/knn/seed0"
+    ]

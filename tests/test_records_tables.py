@@ -1,0 +1,231 @@
+"""Records (atomic, append-only in spirit, strict on load) and the tables generated from them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cropbench.errors import CropbenchError
+from cropbench.recipe import Recipe
+from cropbench.records import (
+    Record,
+    RecordKey,
+    collect_provenance,
+    load_records,
+    record_path,
+    write_record,
+)
+from cropbench.tables import leaderboard, run_table, write_leaderboard
+
+
+def rec(
+    entry: str = "simclr",
+    variant: str = "default",
+    ev: str = "knn",
+    seed: int = 0,
+    scale: str = "micro",
+    deviations: dict | None = None,
+    ips: float = 100.0,
+    **metrics: float,
+) -> Record:
+    return Record(
+        entry,
+        variant,
+        scale,
+        ev,
+        seed,
+        metrics or {"top1": 50.0},
+        {
+            "loss_first": 5.5,
+            "loss_last": 3.25,
+            "epochs": 2,
+            "steps": 10,
+            "images_per_s": ips,
+            "wall_s": 8.0,
+        },
+        1.5,
+        {"recipe": {"method": "simclr", "deviations": deviations or {}}, "git_commit": None},
+    )
+
+
+# ---- records ----
+
+
+def test_write_load_roundtrip_layout_and_format(tmp_path: Path) -> None:
+    r = rec(top1=61.2, top5=95.0)
+    path = write_record(tmp_path, r)
+    assert path == tmp_path / "micro" / "simclr" / "default" / "knn" / "seed0.json"
+    assert path == record_path(tmp_path, RecordKey("micro", "simclr", "default", "knn", 0))
+    text = path.read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+    assert load_records(tmp_path) == [r]
+
+
+def test_rewrite_replaces_only_its_own_file(tmp_path: Path) -> None:
+    a, b = rec(seed=0), rec(seed=1)
+    write_record(tmp_path, a)
+    pb = write_record(tmp_path, b)
+    before = pb.read_bytes()
+    write_record(tmp_path, replace(a, metrics={"top1": 70.0}))
+    assert pb.read_bytes() == before
+    assert [r.metrics["top1"] for r in load_records(tmp_path)] == [70.0, 50.0]
+
+
+def test_exception_mid_write_leaves_old_record_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_record(tmp_path, rec())
+    before = path.read_bytes()
+
+    def boom(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("cropbench.records.os.fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_record(tmp_path, rec(top1=99.0))
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["seed0.json"]
+
+
+def test_process_killed_mid_write_never_shows_half_a_record(tmp_path: Path) -> None:
+    """SIGKILL between writing the temporary file and renaming it: the old record stays whole."""
+    write_record(tmp_path, rec())
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import cropbench.records as R\n"
+        "R.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "r = R.Record('simclr', 'default', 'micro', 'knn', 0, {'top1': 1.0}, {}, 0.0,\n"
+        "             {'blob': 'x' * 10**6})\n"
+        "R.write_record(Path(sys.argv[1]), r)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert [r.metrics["top1"] for r in load_records(tmp_path)] == [50.0]  # leftover .tmp ignored
+
+
+def test_malformed_records_name_the_file(tmp_path: Path) -> None:
+    path = write_record(tmp_path, rec())
+    path.write_text('{"entry": "simclr", ')
+    with pytest.raises(CropbenchError, match=re.escape(str(path))):
+        load_records(tmp_path)
+    data = json.loads(json.dumps(__import__("dataclasses").asdict(rec())))
+    data["metrics"]["top1"] = "high"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CropbenchError, match=re.escape(str(path)) + r".*metrics\.top1.*number"):
+        load_records(tmp_path)
+    data["metrics"]["top1"] = 1.0
+    data["seed"] = 3  # content disagrees with the file name seed0.json
+    path.write_text(json.dumps(data))
+    with pytest.raises(CropbenchError, match="does not match its location"):
+        load_records(tmp_path)
+
+
+def test_provenance(tmp_path: Path) -> None:
+    recipe = Recipe(method="simclr", backbone="resnet_micro")
+    prov = collect_provenance(recipe.to_dict(), "cpu", ["cropbench", "run", "simclr"])
+    assert prov["recipe_hash"] == recipe.hash()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    assert prov["git_commit"] == head.stdout.strip() and len(prov["git_commit"]) == 40
+    assert isinstance(prov["git_dirty"], bool)
+    assert prov["command"] == "cropbench run simclr" and prov["device"] == "cpu"
+    assert set(prov["versions"]) == {"python", "torch", "torchvision", "cropbench", "numpy"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["created_utc"])
+    outside = collect_provenance({}, "cpu", "x", repo_dir=tmp_path)
+    assert outside["git_commit"] is None and outside["git_dirty"] is None
+    json.dumps(prov)  # serialisable as is
+
+
+# ---- tables ----
+
+
+def _records() -> list[Record]:
+    return [
+        rec(seed=0, top1=60.0, top5=90.0, ips=100.0),
+        rec(seed=1, top1=62.0, top5=91.0, ips=110.0),
+        rec(ev="linear", seed=0, top1=65.0, top5=95.0),
+        rec(
+            "regioncl",
+            "regioncl_m",
+            deviations={"train.epochs": "3, not 200 (CPU)", "optim.lr": "x_y & z"},
+            top1=70.0,
+        ),
+        rec(variant="default+random_init", top1=14.2, top5=61.6),
+        rec(scale="small", top1=80.0),
+    ]
+
+
+def test_leaderboard_md_numbers_marker_and_footnote() -> None:
+    md = leaderboard(_records(), "md")
+    assert md.index("## micro · image") < md.index("## small · image")
+    row = next(line for line in md.splitlines() if line.startswith("| simclr/default "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # columns: entry/variant, knn/top1, knn/top5, linear/top1, linear/top5, img/s, seeds
+    assert cells == [
+        "simclr/default",
+        "61.00 ± 1.41",
+        "90.50 ± 0.71",
+        "65.00",
+        "95.00",
+        "105.0",
+        "2",
+    ]
+    assert "| regioncl/regioncl_m [1] " in md
+    assert "- [1] regioncl/regioncl_m: optim.lr: x_y & z; train.epochs: 3, not 200 (CPU)" in md
+
+
+def test_leaderboard_is_byte_identical_and_order_independent(tmp_path: Path) -> None:
+    recs = _records()
+    shuffled = recs[:]
+    random.Random(0).shuffle(shuffled)
+    for fmt in ("md", "csv", "latex", "html"):
+        assert leaderboard(recs, fmt) == leaderboard(shuffled, fmt)
+    path = write_leaderboard(recs, tmp_path / "LEADERBOARD.md")
+    assert path.read_text() == leaderboard(recs, "md")
+    assert (
+        write_leaderboard(shuffled, tmp_path / "LEADERBOARD.md").read_bytes() == path.read_bytes()
+    )
+
+
+def test_leaderboard_other_formats() -> None:
+    rows = list(csv.DictReader(io.StringIO(leaderboard(_records(), "csv"))))
+    simclr = next(
+        r
+        for r in rows
+        if r["entry"] == "simclr" and r["variant"] == "default" and r["scale"] == "micro"
+    )
+    assert (simclr["knn/top1"], simclr["knn/top1:std"], simclr["seeds"]) == (
+        "61.0000",
+        "1.4142",
+        "2",
+    )
+    latex = leaderboard(_records(), "latex")
+    assert r"regioncl/regioncl\_m [1]" in latex and r"x\_y \& z" in latex and r"\toprule" in latex
+    html = leaderboard(_records(), "html")
+    assert "<td>61.00 ± 1.41" in html and "x_y &amp; z" in html
+    with pytest.raises(CropbenchError, match="'xlsx' is not one of md, csv, latex, html"):
+        leaderboard(_records(), "xlsx")
+
+
+def test_run_table_puts_random_init_beside_pretrained() -> None:
+    text = run_table(
+        [rec(top1=60.0, top5=90.0), rec(variant="default+random_init", top1=14.25, top5=61.5)]
+    )
+    lines = [line.split() for line in text.splitlines()[2:]]
+    assert lines == [
+        ["simclr/default", "micro", "knn", "0", "top1", "60.00", "14.25", "+45.75"],
+        ["simclr/default", "micro", "knn", "0", "top5", "90.00", "61.50", "+28.50"],
+    ]
