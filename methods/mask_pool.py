@@ -60,6 +60,14 @@ def masks_to_grid(masks: Tensor, grid_hw: tuple[int, int], num_segments: int) ->
     return torch.where(best.values > 0, best.indices, torch.full_like(best.indices, IGNORE))
 
 
+def segments_present(grid_ids: Tensor, num_segments: int) -> Tensor:
+    """Which segment ids occur in each view's grid: B×gh×gw -> B×num_segments bool."""
+    b = grid_ids.shape[0]
+    present = torch.zeros(b, num_segments + 1, dtype=torch.bool, device=grid_ids.device)
+    present.scatter_(1, grid_ids.reshape(b, -1) + 1, True)
+    return present[:, 1:]
+
+
 def sample_segments(
     grid_ids: Tensor, n: int, num_segments: int, generator: torch.Generator
 ) -> Tensor:
@@ -67,15 +75,11 @@ def sample_segments(
 
     A view with no valid cell gets ids -1 (its terms then carry zero weight in ``detcon_loss``).
     """
-    b = grid_ids.shape[0]
-    present = torch.zeros(b, num_segments + 1, device=grid_ids.device)
-    present.scatter_(1, (grid_ids.reshape(b, -1) + 1), 1.0)
-    present = present[:, 1:]
+    present = segments_present(grid_ids, num_segments).float()
     empty = present.sum(1) == 0
     probs = torch.where(empty.unsqueeze(1), torch.ones_like(present), present)
-    draw = torch.multinomial(
-        probs.to(generator.device), n, replacement=True, generator=generator
-    ).to(grid_ids.device)
+    draw = torch.multinomial(probs.to(generator.device), n, replacement=True, generator=generator)
+    draw = draw.to(grid_ids.device)
     return torch.where(empty.unsqueeze(1), torch.full_like(draw, IGNORE), draw)
 
 
@@ -160,3 +164,46 @@ def detcon_loss(
     return _one_direction(p1, pid1, t2, g2, t1, g1, offset, temperature) + _one_direction(
         p2, pid2, t1, g1, t2, g2, offset, temperature
     )
+
+
+# ------------------------------------------------------------------ mask bootstrapping (k-means)
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means: N×D points -> (labels N, centroids k×D).
+
+    Initial centroids: k distinct points drawn with ``generator`` (faiss' default init); an empty
+    cluster keeps its previous centroid.
+    """
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k-means needs 1 <= k <= number of points ({x.shape[0]}), got k={k}")
+    pick = torch.randperm(x.shape[0], generator=generator, device=generator.device)[:k]
+    centroids = x[pick.to(x.device)].clone()
+    for _ in range(iters):
+        onehot = F.one_hot(_nearest(x, centroids), k).to(x.dtype)  # N×k
+        counts = onehot.sum(0).unsqueeze(1)
+        centroids = torch.where(counts > 0, onehot.T @ x / counts.clamp_min(1), centroids)
+    return _nearest(x, centroids), centroids
+
+
+def _nearest(x: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid (squared Euclidean) of each row of x. -> N long."""
+    return (2 * x @ centroids.T - (centroids**2).sum(1)).argmax(dim=1)
+
+
+@torch.no_grad()
+def cluster_group(
+    feats: Tensor, k_range: tuple[int, int], iters: int, generator: torch.Generator
+) -> Tensor:
+    """Joint k-means over all cells of a group of images (CYBORGS). -> G×h×w long.
+
+    feats: G×D×h×w; cells are L2-normalised; K ~ U[k_lo, k_hi], capped at h·w (CYBORGS caps it at
+    the smallest feature map). Ids are shared across the group's images.
+    """
+    g, d, h, w = feats.shape
+    dev = generator.device
+    k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=generator, device=dev))
+    points = F.normalize(feats.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)
+    labels, _ = kmeans(points, min(k, h * w), iters, generator)
+    return labels.view(g, h, w)

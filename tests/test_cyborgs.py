@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+from cropbench.errors import DatasetError
+from cropbench.methods.cyborgs import MaskedImages, MaskFile, canvas_batches, checksum
 from cropbench.methods.mask_pool import (
+    cluster_group,
     crop_masks,
     detcon_loss,
     hypercolumn,
+    kmeans,
     mask_pool,
     masks_to_grid,
     sample_segments,
@@ -129,3 +136,79 @@ def test_detcon_loss_matches_the_naive_per_prediction_loss():
     loss = detcon_loss(p1, p2, t1, t2, i1, i2, j1, j2, temperature=0.1)
     ref = _naive_detcon(p1, p2, t1, t2, i1, i2, j1, j2, 0.1)
     assert abs(loss.item() - ref) < 1e-4
+
+
+# ------------------------------------------------------------------ k-means and mask files
+
+
+def test_kmeans_matches_sklearn_lloyd_from_the_same_initial_centroids():
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(5)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 6.0], [6.0, 0.0]])
+    x = (centres.repeat_interleave(30, 0) + torch.randn(120, 2, generator=g)).double()
+    labels, cent = kmeans(x, 4, 10, torch.Generator().manual_seed(1))
+    init = x[torch.randperm(120, generator=torch.Generator().manual_seed(1))[:4]].numpy()
+    ref = KMeans(4, init=init, n_init=1, max_iter=10, tol=0.0, algorithm="lloyd").fit(x.numpy())
+    assert labels.tolist() == ref.labels_.tolist()
+    assert torch.allclose(cent, torch.from_numpy(ref.cluster_centers_), atol=1e-6)
+
+
+def test_cluster_group_shares_ids_across_the_group_and_caps_k():
+    feats = torch.zeros(2, 2, 2, 2)
+    feats[:, 0, :, 0] = 1.0  # left column of both images: direction (1, 0)
+    feats[:, 1, :, 1] = 1.0  # right column: direction (0, 1)
+    labels = cluster_group(feats, (2, 2), 5, torch.Generator().manual_seed(0))
+    assert labels.shape == (2, 2, 2)
+    assert torch.equal(labels[0], labels[1])  # one clustering for the whole group
+    assert labels[0, 0, 0] != labels[0, 0, 1]
+    capped = cluster_group(torch.randn(1, 3, 1, 2), (5, 9), 3, torch.Generator().manual_seed(0))
+    assert capped.max() <= 1  # K capped at h·w = 2
+
+
+class _Canvases(torch.utils.data.Dataset):
+    def __init__(self, n: int = 6, size: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], i % 2, i
+
+
+def test_masked_images_rejects_mask_files_that_do_not_match_their_images(tmp_path):
+    ds = _Canvases()
+    sums = torch.cat([checksum(b) for b in canvas_batches(ds)])
+    data = MaskedImages(ds, sums, 16)
+    good = MaskFile(torch.zeros(6, 4, 4, dtype=torch.int16), sums)
+    data.set_masks(good, tmp_path / "good.pt")
+    img, _, _, mask = data[3]
+    assert mask.shape == (16, 16) and torch.equal(img, ds.images[3])
+    with pytest.raises(DatasetError, match="expected 6×h×w"):
+        data.set_masks(
+            MaskFile(torch.zeros(5, 4, 4, dtype=torch.int16), sums[:5]), tmp_path / "a.pt"
+        )
+    with pytest.raises(DatasetError, match="does not divide"):
+        data.set_masks(MaskFile(torch.zeros(6, 5, 5, dtype=torch.int16), sums), tmp_path / "b.pt")
+    other = torch.cat([checksum(b) for b in canvas_batches(_Canvases(seed=1))])
+    with pytest.raises(DatasetError, match="mask 0 .* another image than training sample 0"):
+        data.set_masks(MaskFile(torch.zeros(6, 4, 4, dtype=torch.int16), other), tmp_path / "c.pt")
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    with pytest.raises(DatasetError, match="not a cropbench mask file"):
+        MaskFile.load(tmp_path / "junk.pt")
+
+
+def test_masked_images_upsample_masks_to_the_canvas_nearest():
+    ds = _Canvases(n=2, size=8)
+    sums = torch.cat([checksum(b) for b in canvas_batches(ds)])
+    data = MaskedImages(ds, sums, 8)
+    data.set_masks(
+        MaskFile(torch.tensor([[[0, 1], [2, 3]]] * 2, dtype=torch.int16), sums), Path("m")
+    )
+    batch = MaskedImages.collate([data[0], data[1]])
+    assert batch.masks.shape == (2, 8, 8)
+    assert batch.masks[0, :4, :4].unique().tolist() == [0] and batch.masks[
+        0, 4:, 4:
+    ].unique().tolist() == [3]
