@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cropbench.evaluations.base import EvalData
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
@@ -29,6 +28,7 @@ from torchvision.transforms import functional as TF
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.images import collate_images, normalize
 from cropbench.errors import ConfigError
+from cropbench.evaluations.base import EvalData
 
 CACHE_VERSION = 1  # bump when the extraction changes: old cache files are then ignored
 

@@ -15,11 +15,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.features import extract_features, topk_accuracy
 from torch import Tensor, nn
 
 from cropbench.errors import ConfigError
+from cropbench.evaluations.base import EvalData, register_evaluation
+from cropbench.evaluations.features import extract_features, topk_accuracy
 
 
 @dataclass(frozen=True)
