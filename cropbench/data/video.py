@@ -255,6 +255,18 @@ class VideoClips(Dataset):
         return full[torch.from_numpy(idx)], looped
 
 
+def with_window(dataset: Dataset, window: Window) -> Dataset:
+    """Set the decode window of a ``VideoClips`` (or of one wrapped in a ``Subset``, as
+    ``data.limit`` does); methods call this from ``prepare_dataset``."""
+    if isinstance(dataset, VideoClips):
+        return dataset.configure(window=window)
+    inner = getattr(dataset, "dataset", None)
+    if isinstance(dataset, torch.utils.data.Subset) and isinstance(inner, VideoClips):
+        dataset.dataset = inner.configure(window=window)
+        return dataset
+    raise TypeError(f"expected a video dataset (VideoClips), got {type(dataset).__name__}")
+
+
 def _header_frames(path: str) -> int:
     try:
         with av.open(path) as container:

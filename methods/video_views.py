@@ -1,0 +1,325 @@
+"""Batched video views with provenance: a temporal crop + one spatial crop per clip + per-clip
+photometric augmentation, the same for every frame (as video SSL does: Qian et al. CVPR'21,
+Feichtenhofer et al. CVPR'21).
+
+Input: the uint8 window B×3×T×S×S a ``VideoBatch`` carries. Each view picks ``frames`` frames
+every ``stride`` frames from a random start in the window, a RandomResizedCrop box (the image
+views' ``sample_boxes``), a flip, then colour jitter / grayscale / blur / solarize with per-clip
+factors (``methods.views`` ops on 5-D tensors: contrast blends with the clip's mean grey level)
+and Kinetics normalisation. The cube is cut by ``cube_sample`` (trilinear, differentiable).
+Provenance: ``boxes`` in canvas pixels, ``flipped``, and ``extra["time"]`` (B×2 frame interval
+in window frames, convention of ``cropbench.data.video_transforms``), ``extra["looped"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from cropbench.data.video_transforms import cube_sample, frame_interval, normalize_video
+from cropbench.errors import ConfigError
+from cropbench.methods.base import View, ViewProvenance
+from cropbench.methods.views import (
+    ViewConfig,
+    color_jitter,
+    gaussian_blur,
+    hflip,
+    sample_boxes,
+    sample_jitter,
+    solarize,
+    to_gray,
+)
+
+
+def video_image_views() -> ViewConfig:
+    """Spatial/photometric part for micro clips: 32 px, crop scale 0.2-1, MoCo v2 jitter (in a
+    fixed order: one hue pass instead of four) and grayscale, no blur."""
+    return ViewConfig(size=32, scale=(0.2, 1.0), jitter_order="fixed", blur_p=0.0)
+
+
+@dataclass(frozen=True)
+class VideoViewConfig:
+    frames: int = 8  # output frames T'
+    stride: int = 2  # source frames between output frames
+    image: ViewConfig = field(default_factory=video_image_views)  # per-clip spatial + colour part
+    temporal: Literal["random", "start"] = (
+        "random"  # clip start: anywhere in the window, or frame 0
+    )
+    random_conv_p: float = 0.0  # BraVe broad-video augmentation: random 2D convolution
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.stride < 1:
+            raise ConfigError(
+                f"VideoViewConfig: frames and stride must be >= 1, got {self.frames}, {self.stride}"
+            )
+
+    @property
+    def span(self) -> int:
+        """Window frames this view needs: (frames − 1)·stride + 1."""
+        return (self.frames - 1) * self.stride + 1
+
+
+def _rand(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=generator, device=generator.device).to(device)
+
+
+def _per_sample(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def sample_starts(
+    n: int, window: int, cfg: VideoViewConfig, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """B integer clip starts in a window of ``window`` frames (uniform, or 0 for "start")."""
+    if cfg.span > window:
+        raise ConfigError(
+            f"a view of {cfg.frames} frames every {cfg.stride} needs {cfg.span} window frames, "
+            f"the batch has {window}: raise the method's window or shorten the view"
+        )
+    if cfg.temporal == "start":
+        return torch.zeros(n, device=device)
+    return torch.floor(_rand(n, generator, device) * (window - cfg.span + 1)).clamp(
+        max=window - cfg.span
+    )
+
+
+def photometric(x: Tensor, cfg: ViewConfig, generator: torch.Generator) -> Tensor:
+    """Per-clip colour jitter, grayscale, blur and solarize on B×3×T×h×w floats in [0, 1]."""
+    n, dev = x.shape[0], x.device
+    x = color_jitter(x, *sample_jitter(n, cfg, generator, dev))
+    gray = _rand(n, generator, dev) < cfg.gray_p
+    x = torch.where(_per_sample(gray, x), to_gray(x).expand_as(x), x)
+    sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * _rand(n, generator, dev)
+    blur = _rand(n, generator, dev) < cfg.blur_p
+    if cfg.blur_p > 0 and cfg.kernel_size > 1:
+        b, c, t, h, w = x.shape
+        blurred = gaussian_blur(x.reshape(b, c * t, h, w), sigma, cfg.kernel_size).view_as(x)
+        x = torch.where(_per_sample(blur, x), blurred, x)
+    return solarize(x, _rand(n, generator, dev) < cfg.solarize_p)
+
+
+def random_convolution(x: Tensor, apply: Tensor, generator: torch.Generator) -> Tensor:
+    """BraVe's broad-video augmentation: per clip a random 2D conv (He-normal weights, odd kernel
+    side uniform in 1..11), the same for every frame; B×3×T×H×W -> same shape."""
+    b, c, t, h, w = x.shape
+    dev = x.device
+    k = 2 * torch.randint(0, 6, (b,), generator=generator, device=generator.device).to(dev) + 1
+    weight = torch.randn(b, c, c, 11, 11, generator=generator, device=generator.device).to(dev)
+    weight = weight * torch.sqrt(2.0 / (c * k.float() ** 2)).view(
+        b, 1, 1, 1, 1
+    )  # He init, fan_in c·k²
+    d = torch.arange(11, device=dev) - 5
+    inside = d.abs()[None] <= (k[:, None] // 2)  # B×11: taps within the drawn kernel
+    weight = weight * (inside[:, None, None, :, None] & inside[:, None, None, None, :])
+    y = x.permute(2, 0, 1, 3, 4).reshape(t, b * c, h, w)
+    y = F.conv2d(y, weight.reshape(b * c, c, 11, 11), padding=5, groups=b)
+    y = y.view(t, b, c, h, w).permute(1, 2, 0, 3, 4)
+    return torch.where(_per_sample(apply, x), y, x)
+
+
+def make_video_view(
+    video: Tensor,
+    cfg: VideoViewConfig,
+    generator: torch.Generator,
+    starts: Tensor | None = None,
+    looped: Tensor | None = None,
+) -> View:
+    """uint8 B×3×T×S×S windows -> a normalised B×3×frames×size×size view with its provenance."""
+    if video.dim() != 5 or video.shape[1] != 3:
+        raise ValueError(
+            f"make_video_view: expected B×3×T×H×W clips, got shape {tuple(video.shape)}"
+        )
+    n, _, window, height, width = video.shape
+    dev, size = video.device, cfg.image.size
+    with torch.autocast(device_type=dev.type, enabled=False):
+        boxes = sample_boxes(n, height, width, cfg.image.scale, cfg.image.ratio, generator, dev)
+        if starts is None:
+            starts = sample_starts(n, window, cfg, generator, dev)
+        times = frame_interval(starts, cfg.frames, cfg.stride)
+        x = cube_sample(video.float() / 255, boxes, times, (cfg.frames, size, size))
+        flipped = _rand(n, generator, dev) < cfg.image.flip_p
+        x = photometric(hflip(x, flipped), cfg.image, generator)
+        x = normalize_video(x)
+        if cfg.random_conv_p > 0:
+            x = random_convolution(x, _rand(n, generator, dev) < cfg.random_conv_p, generator)
+    extra = {"time": times, "window": torch.full((n,), float(window), device=dev)}
+    if looped is not None:
+        extra["looped"] = looped
+    return View(x, ViewProvenance(boxes, flipped, (height, width), (size, size), extra))
+
+
+# ---------------------------------------------------------------- statistics between two views
+
+
+def cube_iou(a: ViewProvenance, b: ViewProvenance) -> Tensor:
+    """3-D IoU of paired view cubes (box × time interval) -> B; ParamCrop's view statistic."""
+    lo = (
+        torch.maximum(a.boxes, b.boxes)[:, :2],
+        torch.maximum(a.extra["time"][:, 0], b.extra["time"][:, 0]),
+    )
+    hi = (
+        torch.minimum(a.boxes, b.boxes)[:, 2:],
+        torch.minimum(a.extra["time"][:, 1], b.extra["time"][:, 1]),
+    )
+    inter = (hi[0] - lo[0]).clamp(min=0).prod(dim=1) * (hi[1] - lo[1]).clamp(min=0)
+
+    def volume(p: ViewProvenance) -> Tensor:
+        box, t = p.boxes, p.extra["time"]
+        return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) * (t[:, 1] - t[:, 0])
+
+    return inter / (volume(a) + volume(b) - inter)
+
+
+def cube_centre_distance(a: ViewProvenance, b: ViewProvenance) -> Tensor:
+    """Distance between paired cube centres, x / W, y / H, t / window length -> B."""
+    h, w = a.source_size
+    window = a.extra["window"]
+    ca = torch.stack(
+        [
+            (a.boxes[:, 0] + a.boxes[:, 2]) / (2 * w),
+            (a.boxes[:, 1] + a.boxes[:, 3]) / (2 * h),
+            a.extra["time"].mean(dim=1) / window,
+        ],
+        dim=1,
+    )
+    cb = torch.stack(
+        [
+            (b.boxes[:, 0] + b.boxes[:, 2]) / (2 * w),
+            (b.boxes[:, 1] + b.boxes[:, 3]) / (2 * h),
+            b.extra["time"].mean(dim=1) / window,
+        ],
+        dim=1,
+    )
+    return (ca - cb).norm(dim=1)
+
+
+# ---------------------------------------------------------------- plots (``cropbench views``)
+
+
+def _to_rgb(frame: Tensor) -> Tensor:
+    """3×h×w normalised frame -> h×w×3 in [0, 1] for display (min-max when not an RGB view)."""
+    from cropbench.data.video_transforms import KINETICS_MEAN, KINETICS_STD
+
+    mean, std = torch.tensor(KINETICS_MEAN).view(3, 1, 1), torch.tensor(KINETICS_STD).view(3, 1, 1)
+    x = frame.detach().float().cpu() * std + mean
+    if x.min() < -0.05 or x.max() > 1.05:  # frame differences, random convolutions
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-6)
+    return x.clamp(0, 1).permute(1, 2, 0)
+
+
+def render_view_strip(
+    video: Tensor,
+    views: list[View],
+    out_png: str,
+    n_samples: int = 2,
+    n_frames: int = 8,
+    names: list[str] | None = None,
+) -> dict[str, float]:
+    """PNG: per sample, a strip of window frames with each view's crop cube drawn (its box on the
+    frames inside its time interval), then a strip of frames per view. Returns the mean cube IoU
+    and centre distance of views 0 and 1 (when there are two views with time provenance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
+    names = names or [f"view {i + 1}" for i in range(len(views))]
+    n_samples = min(n_samples, video.shape[0])
+    window = video.shape[2]
+    rows = n_samples * (1 + len(views))
+    fig, axes = plt.subplots(rows, n_frames, figsize=(1.3 * n_frames, 1.4 * rows), squeeze=False)
+    for s in range(n_samples):
+        base = s * (1 + len(views))
+        picks = torch.linspace(0, window - 1, n_frames).round().long()
+        for col, f in enumerate(picks.tolist()):
+            ax = axes[base, col]
+            ax.imshow(video[s, :, f].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(f"frame {f}", fontsize=6)
+            for view, c in zip(views, colours, strict=False):
+                t0, t1 = view.prov.extra["time"][s].tolist()
+                if t0 <= f + 0.5 < t1:
+                    x0, y0, x1, y1 = view.prov.boxes[s].tolist()
+                    ax.add_patch(
+                        Rectangle(
+                            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=c, lw=1.2
+                        )
+                    )
+        for v, view in enumerate(views):
+            t = view.tensor.shape[2]
+            for col in range(n_frames):
+                ax = axes[base + 1 + v, col]
+                if col < t:
+                    k = col if t <= n_frames else int(round(col * (t - 1) / (n_frames - 1)))
+                    ax.imshow(_to_rgb(view.tensor[s, :, k]).numpy())
+                    t0, t1 = view.prov.extra["time"][s].tolist()
+                    frame_at = t0 + (k + 0.5) * (t1 - t0) / t - 0.5
+                    ax.set_title(
+                        f"{names[v]} @{frame_at:.0f}", fontsize=6, color=colours[v % len(colours)]
+                    )
+        axes[base, 0].set_ylabel(f"clip {s}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    stats: dict[str, float] = {}
+    if len(views) >= 2:
+        stats = {
+            "iou": float(cube_iou(views[0].prov, views[1].prov).mean()),
+            "centre_distance": float(cube_centre_distance(views[0].prov, views[1].prov).mean()),
+        }
+        fig.suptitle(
+            f"{names[0]} vs {names[1]}: cube IoU {stats['iou']:.2f}, "
+            f"centre distance {stats['centre_distance']:.2f}",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return stats
+
+
+def render_video_views(
+    entry_name: str,
+    variant: str,
+    out_png: str,
+    n_images: int = 2,
+    seed: int = 0,
+    data_root: str | None = None,
+) -> dict[str, float]:
+    """``cropbench views`` for a video entry: its micro recipe's method makes views of the first
+    ``n_images`` training clips, drawn as a strip PNG at ``out_png``; returns view statistics."""
+    import tempfile
+    from pathlib import Path
+
+    from cropbench.backbones import build_backbone
+    from cropbench.config import from_dict
+    from cropbench.data import build_dataset
+    from cropbench.methods.base import MethodContext
+    from cropbench.recipe import load_entry
+    from cropbench.registry import METHODS
+
+    recipe = load_entry(entry_name).recipe(variant, "micro")
+    cls = METHODS.get(recipe.method)
+    torch.manual_seed(seed)
+    method = cls(
+        from_dict(cls.Config, recipe.params, entry_name, "params"),
+        build_backbone(recipe.backbone, **recipe.backbone_args),
+        MethodContext(),
+    )
+    dataset = build_dataset(
+        recipe.data.dataset,
+        recipe.data.train_split,
+        Path(data_root) if data_root else None,
+        image_size=recipe.data.image_size,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = method.prepare_dataset(dataset, Path(tmp))
+    batch = dataset.collate([dataset[i] for i in range(min(n_images, len(dataset)))])
+    views = method.make_views(batch, torch.Generator().manual_seed(seed))
+    names = getattr(method, "view_names", None)
+    return render_view_strip(batch.video, views, out_png, n_samples=n_images, names=names)
