@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from cropbench.methods.base import ViewProvenance
 from cropbench.methods.losses import info_nce
 from cropbench.methods.views import grid_centres
-from torch import Tensor, nn
 
 
 class DenseHead(nn.Module):

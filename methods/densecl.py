@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
 from cropbench.methods.base import ImageBatch, MethodContext, StepOutput, View
 from cropbench.methods.dense import (
     DenseHead,
@@ -27,9 +30,6 @@ from cropbench.methods.dense import (
 )
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle, momentum_copy
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from cropbench.registry import METHODS
 
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from cropbench.methods.dense import hough_match, match_accuracy, wta_match
-from cropbench.methods.densecl import DenseCL
 from torch import Tensor
 
+from cropbench.methods.dense import hough_match, match_accuracy, wta_match
+from cropbench.methods.densecl import DenseCL
 from cropbench.registry import METHODS
 
 

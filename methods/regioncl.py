@@ -24,6 +24,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
 from cropbench.methods.base import ImageBatch, StepOutput, View
 from cropbench.methods.densecl import DenseCL
 from cropbench.methods.mocov2 import MoCoV2
@@ -38,9 +41,6 @@ from cropbench.methods.region_swap import (
     view_box_to_canvas,
 )
 from cropbench.methods.simsiam import SimSiam
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from cropbench.registry import METHODS
 
 

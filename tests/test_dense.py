@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from cropbench.methods.dense import DenseHead, dense_infonce, offset_bins, wta_match
 
 

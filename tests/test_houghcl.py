@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+
 from cropbench.methods.dense import hough_match
 from cropbench.methods.houghcl import compare_matchers, match_accuracy, synthetic_shift_pairs
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cropbench.methods.region_swap import (
     box_to_cells,
     partner_permutation,
