@@ -76,7 +76,7 @@ def _minimal_entry(tmp_path: Path, **over: object) -> Path:
             "evaluations": ["knn"], "recipes": {"base": {"method": "simclr", "backbone": "resnet_micro"}}}
     data.update(over)
     path = tmp_path / "toy" / "entry.yaml"
-    path.parent.mkdir()
+    path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump(data))
     return path
 
