@@ -1,0 +1,352 @@
+"""Action recognition on UCF101 / HMDB51: frozen linear probe or full fine-tuning, video-level
+accuracy from clip predictions averaged over ``test_clips`` temporal × ``test_crops`` spatial views.
+
+* ``linear`` (BraVe's released evaluator, papers.md §4.3): frozen encoder features of
+  ``train_clips`` augmented clips per training video (random temporal position, random crop of
+  area 0.3-1, flip), ``StandardScaler`` + ``LinearSVC(C)`` (BraVe: C = 1e-4), or a softmax
+  regression (``classifier: logistic``). Features are extracted once and cached.
+* ``finetune``: a copy of the encoder + dropout + linear head, trained end to end on random clips
+  (SGD momentum 0.9, cosine lr), tested with the same multi-clip protocol.
+* Test: ``test_clips`` clip starts from pytorchvideo's ``ConstantClipsPerVideoSampler``
+  (10 at paper scale) × 1 or 3 spatial crops (pySlowFast's 3-crop); SVM scores / softmax
+  probabilities are averaged per video. ``split: all`` runs the three official splits and
+  reports their mean (``top1``) and each (``top1_split1``..3): papers mix split 1 and the mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pytorchvideo.data.clip_sampling import ConstantClipsPerVideoSampler
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cropbench.data import build_dataset, dataset_folder
+from cropbench.data.video import VideoClips, Window, clip_batches, with_window
+from cropbench.data.video_transforms import spatial_crops, test_views
+from cropbench.errors import ConfigError
+from cropbench.evaluations.base import EvalData, register_evaluation
+from cropbench.evaluations.features import weights_hash
+from cropbench.methods.video_views import VideoViewConfig, make_video_view
+from cropbench.methods.views import ViewConfig
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    """Protocol settings; defaults are the micro scale's, paper values in the comments."""
+
+    dataset: str = "synth_ucf101"
+    mode: Literal["linear", "finetune"] = "linear"
+    split: Literal["1", "2", "3", "all"] = "1"  # official split; "all" = 3-split mean
+    image_size: int = 40  # decoded canvas side (shorter side + centre crop); paper 128 / 256
+    crop: int = 32  # network input side; BraVe 224, VideoMoCo / ParamCrop 112
+    frames: int = 8  # BraVe 32, VideoMoCo 16-32
+    stride: int = 2  # BraVe 2
+    test_clips: int = 4  # BraVe / pySlowFast: 10
+    test_crops: Literal[1, 3] = 1  # BraVe / pySlowFast: 3
+    train_clips: int = 2  # linear: augmented clips per training video (BraVe: 10 augmented epochs)
+    classifier: Literal["svm", "logistic"] = "svm"  # BraVe: StandardScaler + LinearSVC
+    svm_c: float = 1e-4  # BraVe README numbers use C = 1e-4
+    logistic_epochs: int = 100
+    ft_epochs: int = 10  # fine-tune epochs (ParamCrop authors' codebase: 300)
+    ft_lr: float = 0.02  # at ft_batch
+    ft_batch: int = 16
+    ft_weight_decay: float = 1e-4
+    ft_dropout: float = 0.5  # ParamCrop authors' codebase: 0.5
+    batch_size: int = 32  # clips per forward pass when extracting features / testing
+
+    def __post_init__(self) -> None:
+        if self.crop > self.image_size:
+            raise ConfigError(f"eval: crop ({self.crop}) must be <= image_size ({self.image_size})")
+        if min(self.frames, self.stride, self.test_clips, self.train_clips, self.batch_size) < 1:
+            raise ConfigError(
+                "eval: frames, stride, test_clips, train_clips and batch_size must be >= 1"
+            )
+
+    @property
+    def span(self) -> int:
+        return (self.frames - 1) * self.stride + 1
+
+
+@dataclass(frozen=True)
+class UCF101Settings(ActionSettings):
+    dataset: str = "synth_ucf101"  # "ucf101" for the real dataset
+
+
+@dataclass(frozen=True)
+class HMDB51Settings(ActionSettings):
+    dataset: str = "synth_hmdb51"  # "hmdb51" for the real dataset
+
+
+def clip_starts(n_frames: int, span: int, clips: int) -> list[int]:
+    """Start frames of ``clips`` evenly spaced clips of ``span`` frames, by pytorchvideo's
+    ``ConstantClipsPerVideoSampler`` (run in frame units): start_k = k·max(n − span, 0)/clips."""
+    sampler = ConstantClipsPerVideoSampler(clip_duration=span, clips_per_video=clips)
+    starts = []
+    for _ in range(clips):
+        info = sampler(0, n_frames, None)
+        starts.append(int(math.floor(info.clip_start_sec)))
+        if info.is_last_clip:
+            break
+    return starts
+
+
+def _chunks(x: Tensor, n: int) -> list[Tensor]:
+    return list(x.split(n)) if x.shape[0] else []
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, views: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """N×3×T×h×w -> N×D float32 features on CPU (bf16 autocast on CUDA)."""
+    out = []
+    for chunk in _chunks(views, batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(encoder(chunk.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def test_video_views(ds: VideoClips, s: ActionSettings) -> Iterator[tuple[Tensor, int, bool]]:
+    """Per decodable test video: its (clips·crops)×3×T×crop×crop views, label, whether looped.
+
+    Undecodable videos are skipped (the dataset warns, counts and names them)."""
+    crops = spatial_crops(ds.image_size, s.crop, s.test_crops)
+    for i in range(len(ds)):
+        frames = ds.full_video(i)
+        if frames is None:
+            continue
+        starts = clip_starts(frames.shape[0], s.span, s.test_clips)
+        clips, looped = clip_batches(ds, i, Window(s.frames, s.stride), starts)
+        yield test_views(clips, crops, s.crop), ds.items[i].label, looped
+
+
+def train_batches(
+    ds: VideoClips, s: ActionSettings, epoch: int, generator: torch.Generator, shuffle: bool
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One pass of random augmented training clips (random temporal position in the video, crop
+    of area 0.3-1, flip) -> batches of (B×3×T×crop×crop views, B labels)."""
+    aug = VideoViewConfig(
+        s.frames,
+        s.stride,
+        ViewConfig(size=s.crop, scale=(0.3, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),
+        temporal="start",
+    )
+    ds = with_window(ds, Window(s.span, 1))
+    ds.set_epoch(epoch)
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    size = s.ft_batch if shuffle else s.batch_size
+    for idx in _chunks(order, size):
+        if shuffle and len(idx) < 2:  # BatchNorm needs two samples
+            continue
+        batch = ds.collate([ds[int(i)] for i in idx])
+        yield make_video_view(batch.video, aug, generator).tensor, batch.labels
+
+
+# ---------------------------------------------------------------- linear protocol
+
+
+def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalData) -> Path | None:
+    if data.cache_dir is None:
+        return None
+    protocol = {
+        k: v
+        for k, v in asdict(s).items()
+        if not k.startswith(("ft_", "logistic", "svm", "classifier"))
+    }
+    parts = {
+        "v": 1,
+        "weights": weights_hash(encoder),
+        "protocol": protocol,
+        "split": split,
+        "seed": data.seed,
+        "folder": str(dataset_folder(s.dataset, data.root).resolve()),
+        "mode": data.device.type,
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Path(data.cache_dir) / "features" / f"action-{key}.pt"
+
+
+def linear_features(
+    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
+) -> dict[str, Tensor]:
+    """Frozen features of one split (cached): train N×D + labels; test V×K×D + labels."""
+    path = _cache_path(encoder, s, fold, data)
+    if path is not None and path.exists():
+        data.log(f"{s.dataset} split {fold}: cached features {path.name}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
+    train = build_dataset(s.dataset, f"train{fold}", data.root, image_size=s.image_size)
+    test = build_dataset(s.dataset, f"test{fold}", data.root, image_size=s.image_size)
+    xs, ys = [], []
+    for epoch in range(s.train_clips):
+        for views, labels in train_batches(train, s, epoch, gen, shuffle=False):
+            xs.append(encode(encoder, views, s.batch_size, device))
+            ys.append(labels)
+    test_x, test_y, looped = [], [], 0
+    for views, label, was_looped in test_video_views(test, s):
+        test_x.append(encode(encoder, views, s.batch_size, device))
+        test_y.append(label)
+        looped += int(was_looped)
+    if looped:
+        data.log(
+            f"{s.dataset} split {fold}: {looped} test video(s) shorter than {s.span} frames looped"
+        )
+    out = {
+        "train_x": torch.cat(xs),
+        "train_y": torch.cat(ys),
+        "test_x": torch.stack(test_x),
+        "test_y": torch.tensor(test_y),
+        "looped": torch.tensor(looped),
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    return out
+
+
+def fit_classifier(
+    x: Tensor, y: Tensor, num_classes: int, s: ActionSettings, seed: int
+) -> Callable[[Tensor], Tensor]:
+    """Train on N×D features -> a function mapping M×D features to M×C class scores."""
+    if s.classifier == "svm":
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import LinearSVC
+
+        clf = make_pipeline(
+            StandardScaler(), LinearSVC(C=s.svm_c, max_iter=10000, random_state=seed)
+        )
+        clf.fit(x.numpy(), y.numpy())
+        present = torch.as_tensor(clf.classes_)
+
+        def svm_scores(f: Tensor) -> Tensor:
+            d = torch.as_tensor(clf.decision_function(f.numpy()), dtype=torch.float32)
+            d = d.view(f.shape[0], -1) if d.dim() == 2 else torch.stack([-d, d], dim=1)
+            full = torch.full((f.shape[0], num_classes), -1e9)
+            full[:, present] = d
+            return full
+
+        return svm_scores
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    head = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=s.logistic_epochs)
+    xn = (x - mean) / std
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xn), y) + 1e-4 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda f: torch.softmax(head((f - mean) / std), dim=1).detach()
+
+
+def video_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """scores V×K×C (K views per video), labels V -> video top-1 (view mean) and clip top-1."""
+    video = (scores.mean(dim=1).argmax(dim=1) == labels).float().mean().item() * 100
+    clip = (scores.argmax(dim=2) == labels[:, None]).float().mean().item() * 100
+    return {"top1": video, "clip_top1": clip}
+
+
+def linear_split(
+    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
+) -> dict[str, float]:
+    feats = linear_features(encoder, s, fold, data)
+    num_classes = int(max(feats["train_y"].max(), feats["test_y"].max())) + 1
+    score = fit_classifier(feats["train_x"], feats["train_y"], num_classes, s, data.seed)
+    v, k, d = feats["test_x"].shape
+    return video_accuracy(score(feats["test_x"].reshape(v * k, d)).view(v, k, -1), feats["test_y"])
+
+
+# ---------------------------------------------------------------- fine-tuning protocol
+
+
+def finetune_split(
+    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
+) -> dict[str, float]:
+    """Fine-tune a copy of the encoder + dropout + linear head on split ``fold``; test."""
+    device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
+    train = build_dataset(s.dataset, f"train{fold}", data.root, image_size=s.image_size)
+    test = build_dataset(s.dataset, f"test{fold}", data.root, image_size=s.image_size)
+    torch.manual_seed(data.seed)
+    model = nn.Sequential(
+        copy.deepcopy(encoder),
+        nn.Dropout(s.ft_dropout),
+        nn.Linear(encoder.feat_dim, train.num_classes),
+    ).to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=s.ft_lr, momentum=0.9, weight_decay=s.ft_weight_decay
+    )
+    total, step = s.ft_epochs * max(1, math.ceil(len(train) / s.ft_batch)), 0
+    model.train()
+    for epoch in range(s.ft_epochs):
+        for views, labels in train_batches(train, s, epoch, gen, shuffle=True):
+            for g in opt.param_groups:  # cosine schedule per step
+                g["lr"] = s.ft_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = F.cross_entropy(model(views.to(device)).float(), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for views, label, _ in test_video_views(test, s):
+            logits = torch.cat(
+                [model(c.to(device)).float().cpu() for c in _chunks(views, s.batch_size)]
+            )
+            scores.append(torch.softmax(logits, dim=1))
+            labels.append(label)
+    return video_accuracy(torch.stack(scores), torch.tensor(labels))
+
+
+def evaluate_action(encoder: nn.Module, s: ActionSettings, data: EvalData) -> dict[str, float]:
+    """Top-1 (video level) on split ``s.split`` or the mean over the three splits."""
+    if getattr(encoder, "modality", "video") != "video":
+        raise ConfigError(
+            f"{s.dataset}: expected a video encoder (B×C×T×H×W input), got {type(encoder).__name__}"
+        )
+    folds = ["1", "2", "3"] if s.split == "all" else [s.split]
+    was_training = encoder.training
+    encoder.eval().to(torch.device(data.device))
+    try:
+        run = linear_split if s.mode == "linear" else finetune_split
+        per_fold = [run(encoder, s, f, data) for f in folds]
+    finally:
+        encoder.train(was_training)
+    out = {k: float(np.mean([r[k] for r in per_fold])) for k in per_fold[0]}
+    if len(folds) > 1:
+        out.update({f"top1_split{f}": r["top1"] for f, r in zip(folds, per_fold, strict=True)})
+    data.log(
+        f"{s.dataset} {s.mode} split {s.split}: "
+        + ", ".join(f"{k}={v:.2f}" for k, v in out.items())
+    )
+    return out
+
+
+@register_evaluation("ucf101", UCF101Settings, modality="video", metrics=("top1", "clip_top1"))
+def evaluate_ucf101(
+    encoder: nn.Module, settings: UCF101Settings, data: EvalData
+) -> dict[str, float]:
+    """UCF101 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
+    return evaluate_action(encoder, settings, data)
+
+
+@register_evaluation("hmdb51", HMDB51Settings, modality="video", metrics=("top1", "clip_top1"))
+def evaluate_hmdb51(
+    encoder: nn.Module, settings: HMDB51Settings, data: EvalData
+) -> dict[str, float]:
+    """HMDB51 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
+    return evaluate_action(encoder, settings, data)
