@@ -78,6 +78,18 @@ def _atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def _load_cached(path: Path, data: EvalData) -> tuple[Tensor, Tensor] | None:
+    """The cached (features, labels), or None when there is no readable cache file."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob["feats"], blob["labels"]
+    except Exception as e:  # a damaged file is recomputed (and atomically replaced), not fatal
+        data.log(f"features: ignoring unreadable cache file {path}: {e}")
+        return None
+
+
 @torch.no_grad()
 def _forward_all(
     encoder: nn.Module, loader: DataLoader, crop: int, device: torch.device
@@ -86,10 +98,8 @@ def _forward_all(
     cuda = device.type == "cuda"
     feats, labels = [], []
     for batch in loader:
-        x = TF.center_crop(
-            batch.images.to(device, non_blocking=True), [crop, crop]
-        )  # B×3×c×c uint8
-        x = normalize(x)
+        x = batch.images.to(device, non_blocking=True)  # B×3×r×r uint8 (r = resize)
+        x = normalize(TF.center_crop(x, [crop, crop]))  # B×3×c×c float
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -111,7 +121,7 @@ def extract_features(
     """Frozen features of a dataset split -> (N×D float32, N int64), from the cache if it has them.
 
     The encoder is put in ``eval()`` mode (BN running statistics, as all frozen protocols) and moved
-    to ``data.device``; its train/eval mode is restored afterwards.
+    to ``data.device`` (and to channels_last on CUDA); its train/eval mode is restored afterwards.
     """
     if crop > resize:
         raise ConfigError(
@@ -128,10 +138,10 @@ def extract_features(
             encoder, dataset, split, dataset_folder(dataset, data.root), resize, crop, device
         )
         path = Path(data.cache_dir) / "features" / f"{key}.pt"
-        if path.exists():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = _load_cached(path, data)
+        if cached is not None:
             data.log(f"features: cache hit for {dataset}/{split} ({path.name})")
-            return cached["feats"], cached["labels"]
+            return cached
     ds = build_dataset(dataset, split, data.root, image_size=resize)
     loader = DataLoader(
         ds,

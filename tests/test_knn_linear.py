@@ -188,6 +188,9 @@ def test_feature_cache_hit_and_invalidation(tiny_root: Path, tmp_path: Path) -> 
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     files = sorted(p.name for p in (tmp_path / "features").iterdir())
     assert len(files) == 1 and files[0].endswith(".pt")  # no temporary files left behind
+    (tmp_path / "features" / files[0]).write_bytes(b"not a torch file")  # damaged: recomputed
+    assert torch.equal(extract_features(enc, "imagenet", data, "train")[0], first[0])
+    assert "ignoring unreadable cache file" in logs[-2] and "extracted" in logs[-1]
     with torch.no_grad():
         enc.bn1.running_mean += 1.0  # a buffer change is a different encoder
     extract_features(enc, "imagenet", data, "train")
