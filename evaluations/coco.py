@@ -1,0 +1,266 @@
+"""COCO instance detection / segmentation transfer: Mask R-CNN R50-FPN 1x, scored by pycocotools.
+
+Protocol (MoCo / DenseCL / RegionCL, detectron2 ``coco_R_50_FPN_1x`` as in mmselfsup's benchmark
+configs): fine-tune all layers with SyncBN in backbone and FPN, 90k iterations at batch 16, lr
+0.02, ×0.1 at 60k / 80k, 1000 warmup iterations, multi-scale 640-800 train, 800 / 1333 test;
+``COCOeval`` bbox and segm on val2017. Reported in percent as the papers do.
+
+Backends: torchvision (default) or detectron2 when it is importable and the encoder is a ResNet-50
+(``backend: auto``). The detectron2 branch is not exercised here (it is not installable from PyPI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+
+from cropbench.data import build_dataset, dataset_folder
+from cropbench.data.coco import CocoInstances, load_coco
+from cropbench.errors import CropbenchError
+from cropbench.evaluations.base import EvalData, register_evaluation
+from cropbench.evaluations.detection import (
+    DetectionSettings,
+    build_detector,
+    predict,
+    train_detector,
+)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
+METRICS = tuple(f"{t}_{m}" for t in ("bbox", "segm") for m in STAT_NAMES)
+
+# Paper scale: detectron2 Base-RCNN-FPN + coco_R_50_FPN_1x (mmselfsup configs/benchmarks/detectron2)
+PAPER: dict[str, Any] = {
+    "dataset": "coco",
+    "iterations": 90000,
+    "batch_size": 16,
+    "lr": 0.02,
+    "steps": [60000, 80000],
+    "warmup_iters": 1000,
+    "train_min_sizes": [640, 672, 704, 736, 768, 800],
+    "test_min_size": 800,
+    "max_size": 1333,
+    "returned_layers": [1, 2, 3, 4],
+    "anchor_sizes": [32, 64, 128, 256, 512],
+    "fpn_channels": 256,
+    "box_head_dim": 1024,
+    "mask_head_channels": 256,
+    "rpn_batch_per_image": 256,
+    "roi_batch_per_image": 512,
+    "rpn_pre_nms_train": 2000,
+    "rpn_post_nms_train": 1000,
+    "rpn_pre_nms_test": 1000,
+    "rpn_post_nms_test": 1000,
+    "log_every": 20,
+}
+
+
+@dataclass(frozen=True)
+class CocoSettings(DetectionSettings):
+    """Micro defaults: embedded 128-px scenes, resnet_micro (stride 8, so FPN on C3..C5), 300
+    iterations at batch 4 (~2 min on 2 cores). ``PAPER`` holds the R50-FPN 1x values."""
+
+    dataset: str = "synth_coco"
+    train_split: str = "train"
+    test_split: str = "val"
+    arch: Literal["fpn", "c4"] = "fpn"
+    masks: bool = True
+    backend: Literal["auto", "torchvision", "detectron2"] = "auto"
+
+
+def _rle(mask: Tensor) -> dict:
+    rle = mask_util.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def to_coco_results(dataset: CocoInstances, index: int, out: dict[str, Tensor]) -> list[dict]:
+    """One image's detections -> COCO result records: xyxy -> xywh, contiguous label -> category id,
+    mask probabilities ``> 0.5`` -> RLE (as torchvision's reference ``CocoEvaluator``)."""
+    image_id = dataset.ids[index]
+    boxes = out["boxes"].clone()
+    boxes[:, 2:] -= boxes[:, :2]
+    records = []
+    for k in range(boxes.shape[0]):
+        rec = {
+            "image_id": image_id,
+            "category_id": dataset.category_id(int(out["labels"][k])),
+            "bbox": [round(float(v), 3) for v in boxes[k]],
+            "score": float(out["scores"][k]),
+        }
+        if "masks" in out:
+            rec["segmentation"] = _rle(out["masks"][k, 0] > 0.5)
+        records.append(rec)
+    return records
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A result set with no detections (pycocotools' ``loadRes([])`` cannot build one)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "annotations": [],
+        "categories": list(coco_gt.dataset["categories"]),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict], iou_types: tuple[str, ...]
+) -> dict[str, float]:
+    """pycocotools ``COCOeval`` per IoU type -> ``{type}_{AP,AP50,AP75,APs,APm,APl}`` in percent.
+
+    Handling of edge cases: no detections at all score 0 (zero recall; detectron2 reports NaN
+    and warns); an area range with no ground truth gives NaN, as detectron2 (COCOeval's -1)."""
+    if not coco_gt.getImgIds():
+        raise CropbenchError("COCO evaluation: the ground truth has no images")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+    metrics = {}
+    for iou_type in iou_types:
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        for name, v in zip(STAT_NAMES, ev.stats[:6], strict=True):
+            metrics[f"{iou_type}_{name}"] = float(v * 100) if v >= 0 else float("nan")
+    return metrics
+
+
+def _detectron2_available() -> bool:
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@register_evaluation("coco", CocoSettings, metrics=METRICS)
+def evaluate(encoder: nn.Module, settings: CocoSettings, data: EvalData) -> dict[str, float]:
+    """Mask R-CNN FPN fine-tune on COCO train, COCOeval bbox + segm AP on val (percent)."""
+    s = settings
+    use_d2 = s.backend == "detectron2" or (
+        s.backend == "auto"
+        and _detectron2_available()
+        and getattr(encoder, "arch", "") == "resnet50"
+    )
+    if use_d2:
+        return _evaluate_detectron2(encoder, s, data)
+    train = build_dataset(s.dataset, s.train_split, data.root, masks=s.masks)
+    test = build_dataset(s.dataset, s.test_split, data.root, masks=False)
+    return finetune_and_test(encoder, s, data, train, test)
+
+
+def finetune_and_test(
+    encoder: nn.Module, s: CocoSettings, data: EvalData, train: CocoInstances, test: CocoInstances
+) -> dict[str, float]:
+    """The torchvision path on given splits: build, fine-tune, predict, ``COCOeval``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.seed)
+        model = build_detector(encoder, train.num_classes, s)
+        model = train_detector(model, train, s, data)
+        results = predict(model, test, s, data, lambda i, out: to_coco_results(test, i, out))
+    data.log(f"[coco] {len(results)} detections on {len(test)} {s.test_split} images")
+    iou_types = ("bbox", "segm") if s.masks else ("bbox",)
+    return coco_evaluate(test.coco, results, iou_types)
+
+
+def _evaluate_detectron2(encoder: nn.Module, s: CocoSettings, data: EvalData) -> dict[str, float]:
+    """detectron2 ``mask_rcnn_R_50_FPN_1x`` with the MoCo overrides, on the exported backbone.
+    Not exercised in this repository's tests: detectron2 is not installable from PyPI."""
+    try:
+        from detectron2 import model_zoo
+        from detectron2.config import get_cfg
+        from detectron2.data.datasets import register_coco_instances
+        from detectron2.engine import DefaultTrainer
+        from detectron2.evaluation import COCOEvaluator
+    except ImportError as e:
+        raise CropbenchError(
+            f"backend 'detectron2' requested but detectron2 is not importable: {e}"
+        ) from e
+    from cropbench.export import save_detectron2
+
+    folder, out = (
+        dataset_folder(s.dataset, data.root),
+        Path(tempfile.mkdtemp(prefix="cropbench-d2-")),
+    )
+    num_classes = len(
+        load_coco(folder / "annotations" / f"instances_{s.train_split}2017.json").getCatIds()
+    )
+    for split in (s.train_split, s.test_split):
+        register_coco_instances(
+            f"cropbench_{split}_{out.name}",
+            {},
+            str(folder / "annotations" / f"instances_{split}2017.json"),
+            str(folder / f"{split}2017"),
+        )
+    cfg = get_cfg()
+    cfg.merge_from_file(
+        model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    )
+    cfg.merge_from_list(
+        [
+            "MODEL.WEIGHTS",
+            str(save_detectron2(encoder.state_dict(), out / "backbone.pkl")),
+            "MODEL.RESNETS.NORM",
+            "SyncBN",
+            "MODEL.FPN.NORM",
+            "SyncBN",
+            "MODEL.BACKBONE.FREEZE_AT",
+            0,
+            "MODEL.RESNETS.STRIDE_IN_1X1",
+            False,
+            "INPUT.FORMAT",
+            "RGB",
+            "MODEL.PIXEL_MEAN",
+            [123.675, 116.280, 103.530],
+            "MODEL.PIXEL_STD",
+            [58.395, 57.120, 57.375],
+            "SOLVER.MAX_ITER",
+            s.iterations,
+            "SOLVER.STEPS",
+            tuple(s.steps),
+            "SOLVER.BASE_LR",
+            s.lr,
+            "SOLVER.IMS_PER_BATCH",
+            s.batch_size,
+            "SOLVER.WARMUP_ITERS",
+            s.warmup_iters,
+            "INPUT.MIN_SIZE_TRAIN",
+            tuple(s.train_min_sizes),
+            "INPUT.MIN_SIZE_TEST",
+            s.test_min_size,
+            "DATASETS.TRAIN",
+            (f"cropbench_{s.train_split}_{out.name}",),
+            "DATASETS.TEST",
+            (f"cropbench_{s.test_split}_{out.name}",),
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            num_classes,
+            "TEST.PRECISE_BN.ENABLED",
+            True,
+            "SEED",
+            data.seed,
+            "OUTPUT_DIR",
+            str(out),
+        ]
+    )
+    trainer = DefaultTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    res = DefaultTrainer.test(
+        cfg, trainer.model, COCOEvaluator(cfg.DATASETS.TEST[0], output_dir=str(out))
+    )
+    return {f"{t}_{m}": float(res[t][m]) for t in ("bbox", "segm") for m in STAT_NAMES}

@@ -1,0 +1,329 @@
+"""Detection fine-tuning shared by ``coco`` and ``voc``: torchvision Faster / Mask R-CNN on a copy
+of the pretrained backbone, trained with detectron2's solver (SGD, linear warmup, step decay).
+
+Two detector shapes, the two the SSL papers report (MoCo, DenseCL, RegionCL, CYBORGS):
+
+* ``fpn``: R50-FPN (``BackboneWithFPN``; norm in the FPN as ``FPN.NORM: SyncBN``), RPN + RoI heads
+  on every FPN level, 2-FC box head, 4-conv mask head (detectron2 ``Base-RCNN-FPN``).
+* ``c4``: R50-C4: RPN on C4 (layer3), RoIAlign 14×14, res5 (layer4) + one extra BN as the box head
+  (MoCo's ``Res5ROIHeadsExtraNorm``), average pool, linear classifier and box regressor.
+
+All backbone stages train (``FREEZE_AT: 0``) with BatchNorm in train mode (SyncBN when distributed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from cropbench.data.coco import collate_detection
+from cropbench.errors import ConfigError, TrainingError
+from cropbench.evaluations.base import EvalData
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Fields shared by ``coco`` and ``voc``. Defaults are the micro scale; ``PAPER`` dicts in
+    ``coco.py`` / ``voc.py`` hold the paper-scale values with their sources."""
+
+    dataset: str = "synth_coco"
+    train_split: str = "train"
+    test_split: str = "val"
+    arch: Literal["fpn", "c4"] = "fpn"
+    masks: bool = True  # Mask R-CNN (True) or Faster R-CNN
+    iterations: int = 300  # micro: ~1.5 min on 2 cores with resnet_micro
+    batch_size: int = 4  # images per iteration over all ranks (detectron2 IMS_PER_BATCH)
+    lr: float = (
+        0.02  # BASE_LR at batch 16 in the papers; micro keeps it at batch 4 (measured stable)
+    )
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to norm parameters (detectron2 WEIGHT_DECAY_NORM 0)
+    steps: tuple[int, ...] = (200, 266)  # iterations at which lr *= gamma (1x: 60k, 80k of 90k)
+    gamma: float = 0.1
+    warmup_iters: int = 50  # detectron2 WARMUP_ITERS 1000 (FPN) / 100 (VOC C4)
+    warmup_factor: float = 0.001
+    train_min_sizes: tuple[int, ...] = (
+        96,
+        112,
+        128,
+    )  # shorter side, one drawn per image (multi-scale)
+    test_min_size: int = 128
+    max_size: int = 256  # longer side cap (1333 at paper scale)
+    hflip: bool = True  # RANDOM_FLIP horizontal
+    returned_layers: tuple[int, ...] = (2, 3, 4)  # FPN inputs; resnet_micro is stride 8, so C3..C5
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # one per FPN level (fpn) or all on C4 (c4)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    fpn_channels: int = 64  # 256 at paper scale
+    box_head_dim: int = 256  # TwoMLPHead width (1024 at paper scale)
+    mask_head_channels: int = 64  # 256 at paper scale
+    rpn_batch_per_image: int = 128  # 256 at paper scale
+    roi_batch_per_image: int = 128  # 512 at paper scale
+    rpn_pre_nms_train: int = 1000  # FPN: per level (2000 at paper scale)
+    rpn_post_nms_train: int = 500  # 1000 at paper scale
+    rpn_pre_nms_test: int = 500  # 1000 at paper scale
+    rpn_post_nms_test: int = 300  # 1000 at paper scale
+    detections_per_image: int = 100
+    score_thresh: float = 0.05  # SCORE_THRESH_TEST
+    log_every: int = 50
+
+
+def _fpn_parts(body: nn.Module, s: DetectionSettings) -> dict:
+    names = [str(i) for i in range(len(s.returned_layers))]
+    if len(s.anchor_sizes) != len(names) + 1:  # + the max-pooled extra level (P6)
+        raise ConfigError(
+            f"anchor_sizes: FPN with returned_layers {list(s.returned_layers)} has "
+            f"{len(names) + 1} levels, got {len(s.anchor_sizes)} anchor sizes"
+        )
+    backbone = BackboneWithFPN(
+        body,
+        {f"layer{k}": n for k, n in zip(s.returned_layers, names, strict=True)},
+        [body.stage_channels[k - 1] for k in s.returned_layers],
+        s.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d,
+    )
+    c = s.fpn_channels
+    parts = dict(
+        backbone=backbone,
+        rpn_anchor_generator=AnchorGenerator(
+            tuple((a,) for a in s.anchor_sizes), (s.aspect_ratios,) * len(s.anchor_sizes)
+        ),
+        box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
+        box_head=TwoMLPHead(c * 7 * 7, s.box_head_dim),
+    )
+    if s.masks:
+        parts.update(
+            mask_roi_pool=MultiScaleRoIAlign(names, 14, 2),
+            mask_head=MaskRCNNHeads(c, [s.mask_head_channels] * 4, 1),
+        )
+    return parts
+
+
+class _C4Body(nn.Module):
+    """Stem + layer1..3 of the backbone -> ``{"0": C4}`` (the RPN input of R50-C4)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)
+        self.layer1, self.layer2, self.layer3 = body.layer1, body.layer2, body.layer3
+        self.out_channels = body.stage_channels[2]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"0": self.layer3(self.layer2(self.layer1(self.stem(x))))}
+
+
+def _c4_parts(body: nn.Module, s: DetectionSettings) -> dict:
+    if s.masks:
+        raise ConfigError(
+            "arch 'c4' is implemented for Faster R-CNN only; set masks: false or arch: fpn"
+        )
+    c5 = body.stage_channels[3]
+    res5 = nn.Sequential(body.layer4, nn.BatchNorm2d(c5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return dict(
+        backbone=_C4Body(body),
+        rpn_anchor_generator=AnchorGenerator((tuple(s.anchor_sizes),), (s.aspect_ratios,)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0),
+        box_head=res5,
+        box_predictor=None,
+        box_head_out=c5,
+    )
+
+
+def build_detector(encoder: nn.Module, num_classes: int, s: DetectionSettings) -> GeneralizedRCNN:
+    """Faster / Mask R-CNN on a deep copy of ``encoder`` (``num_classes`` excludes background)."""
+    body = copy.deepcopy(encoder)
+    parts = _fpn_parts(body, s) if s.arch == "fpn" else _c4_parts(body, s)
+    head_out = parts.pop("box_head_out", s.box_head_dim)
+    parts["box_predictor"] = FastRCNNPredictor(head_out, num_classes + 1)
+    kwargs = dict(
+        min_size=s.train_min_sizes,
+        max_size=s.max_size,
+        rpn_pre_nms_top_n_train=s.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=s.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=s.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=s.rpn_post_nms_test,
+        rpn_batch_size_per_image=s.rpn_batch_per_image,
+        box_batch_size_per_image=s.roi_batch_per_image,
+        box_score_thresh=s.score_thresh,
+        box_detections_per_img=s.detections_per_image,
+        **parts,
+    )
+    if s.masks:
+        model = MaskRCNN(
+            mask_predictor=MaskRCNNPredictor(
+                s.mask_head_channels, s.mask_head_channels, num_classes + 1
+            ),
+            **kwargs,
+        )
+    else:
+        model = FasterRCNN(**kwargs)
+    return model
+
+
+def lr_factor(it: int, s: DetectionSettings) -> float:
+    """detectron2 ``WarmupMultiStepLR``: linear warmup from ``warmup_factor``, ×gamma per step."""
+    decay = s.gamma ** sum(it >= m for m in s.steps)
+    if it < s.warmup_iters:
+        alpha = it / s.warmup_iters
+        return decay * (s.warmup_factor * (1 - alpha) + alpha)
+    return decay
+
+
+def _optimizer(model: nn.Module, s: DetectionSettings) -> torch.optim.SGD:
+    norm, other = [], []
+    for m in model.modules():
+        params = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        (norm if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm) else other).extend(
+            params
+        )
+    groups = [
+        {"params": other, "weight_decay": s.weight_decay},
+        {"params": norm, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+
+
+class InfiniteSampler(Sampler[int]):
+    """Endless reshuffled passes over the dataset, one rank's share (detectron2 TrainingSampler)."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.size, generator=g)[self.rank :: self.world_size].tolist()
+
+
+def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flip a 3×H×W image and its target (xyxy boxes, N×H×W masks) left-right."""
+    w = image.shape[-1]
+    out = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+    out["boxes"] = boxes
+    if "masks" in target:
+        out["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), out
+
+
+def _to_device(
+    images: list[Tensor],
+    targets: list[dict],
+    s: DetectionSettings,
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[list[Tensor], list[dict]]:
+    """uint8 images -> float 0..1 on device (the model normalises), random flips, targets moved."""
+    out_i, out_t = [], []
+    for img, tgt in zip(images, targets, strict=True):
+        if s.hflip and torch.rand((), generator=gen) < 0.5:
+            img, tgt = hflip(img, tgt)
+        out_i.append(img.to(device, torch.float32) / 255.0)
+        out_t.append({k: v.to(device) for k, v in tgt.items()})
+    return out_i, out_t
+
+
+def train_detector(
+    model: GeneralizedRCNN, dataset: Dataset, s: DetectionSettings, data: EvalData
+) -> nn.Module:
+    """Fine-tune every layer for ``s.iterations`` steps; returns the (maybe DDP-wrapped) model."""
+    ctx = data.dist
+    if s.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}"
+        )
+    model.to(data.device).train()
+    if ctx.enabled:  # SyncBN in backbone, FPN and heads, as the papers' configs
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[data.device] if data.device.type == "cuda" else None
+        )
+    opt = _optimizer(model, s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, s))
+    loader = DataLoader(
+        dataset,
+        batch_size=s.batch_size // ctx.world_size,
+        collate_fn=collate_detection,
+        sampler=InfiniteSampler(len(dataset), data.seed, ctx.rank, ctx.world_size),
+        num_workers=data.num_workers,
+    )
+    flip_gen = torch.Generator().manual_seed(data.seed + 7919 * (ctx.rank + 1))
+    running: dict[str, float] = {}
+    for it, (images, targets) in zip(range(s.iterations), loader, strict=False):
+        images, targets = _to_device(images, targets, s, flip_gen, data.device)
+        losses = model(
+            images, targets
+        )  # loss_classifier, loss_box_reg, [loss_mask], loss_objectness, loss_rpn_box_reg
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"detection fine-tune: non-finite loss at iteration {it}: "
+                f"{ {k: round(v.item(), 4) for k, v in losses.items()} }"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + v.item()
+        if ctx.is_main and ((it + 1) % s.log_every == 0 or it + 1 == s.iterations):
+            n = (it % s.log_every) + 1
+            parts = " ".join(f"{k.removeprefix('loss_')}={v / n:.3f}" for k, v in running.items())
+            data.log(
+                f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}"
+            )
+            running = {}
+    return model
+
+
+def _gather(items: list, data: EvalData) -> list:
+    if not data.dist.enabled:
+        return items
+    out: list[list | None] = [None] * data.dist.world_size
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    s: DetectionSettings,
+    data: EvalData,
+    convert: Callable[[int, dict[str, Tensor]], list],
+) -> list:
+    """Run the detector on every image (each rank a share) at ``test_min_size``; ``convert(index,
+    output)`` turns one image's output (boxes xyxy, labels, scores[, masks N×1×H×W]) into result
+    records right away, so full-size masks are never kept. Returns all ranks' records."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net.eval()
+    net.transform.min_size = (s.test_min_size,)
+    indices = list(range(data.dist.rank, len(dataset), data.dist.world_size))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=s.batch_size,
+        collate_fn=collate_detection,
+        num_workers=data.num_workers,
+    )
+    records: list = []
+    for b, (images, _) in enumerate(loader):
+        outputs = net([img.to(data.device, torch.float32) / 255.0 for img in images])
+        for j, out in enumerate(outputs):
+            records += convert(indices[b * s.batch_size + j], {k: v.cpu() for k, v in out.items()})
+    return _gather(records, data)
