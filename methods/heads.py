@@ -70,8 +70,11 @@ def mlp(
 
 
 def simclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:
-    """SimCLR g(·): Linear-BN-ReLU-Linear (the official code's BN variant), 128-d output."""
-    return mlp([in_dim, hidden_dim, out_dim], hidden_norm="bn")
+    """SimCLR g(·): Linear-BN-ReLU-Linear-BN, 128-d output (official TF head: every layer has BN;
+    its last BN scales without shifting, ours neither scales nor shifts)."""
+    return mlp(
+        [in_dim, hidden_dim, out_dim], hidden_norm="bn", last_norm="bn_noaffine", hidden_bias=False
+    )
 
 
 def mocov2_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:

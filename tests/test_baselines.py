@@ -1,0 +1,176 @@
+"""SimCLR, MoCo v2, BYOL, SimSiam: one real training step each on tiny data, the momentum and
+queue mechanics by hand, parameter groups, and every entry's recipes validating into Config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from cropbench.backbones import build_backbone
+from cropbench.config import from_dict
+from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod
+from cropbench.methods.byol import BYOL
+from cropbench.methods.mocov2 import MoCoV2
+from cropbench.methods.simsiam import SimSiam
+from cropbench.recipe import SCALES, load_entry
+from cropbench.registry import METHODS
+
+BASELINES = ("simclr", "mocov2", "byol", "simsiam")
+TINY = {  # head sizes for a fast test; everything else is the paper default
+    "simclr": {"hidden_dim": 32, "out_dim": 16},
+    "mocov2": {"hidden_dim": 32, "out_dim": 16, "queue_size": 40},
+    "byol": {"hidden_dim": 32, "out_dim": 16},
+    "simsiam": {"dim": 32, "pred_dim": 8},
+}
+
+
+def _method(name: str, total_steps: int = 10, **over: object) -> SSLMethod:
+    cls = METHODS.get(name)
+    cfg = cls.Config()
+    cfg = replace(cfg, views=replace(cfg.views, size=16), **{**TINY[name], **over})
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet_micro", widths=(8, 8, 16, 16))
+    return cls(cfg, backbone, MethodContext(steps_per_epoch=total_steps, epochs=1, batch_size=8))
+
+
+def _batch(n: int = 8) -> ImageBatch:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 24, 24), dtype=torch.uint8, generator=g)
+    return ImageBatch(images, torch.full((n,), -1), torch.arange(n))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_training_step_trains_the_encoder(name: str) -> None:
+    method = _method(name)
+    views = method.make_views(_batch(), torch.Generator().manual_seed(0))
+    assert len(views) == 2 and views[0].tensor.shape == (8, 3, 16, 16)
+    assert views[0].prov.boxes.shape == (8, 4)
+    opt = torch.optim.SGD([g["params"] for g in method.param_groups()][0], lr=0.1)
+    out = method.training_step(_batch(), 0, torch.Generator().manual_seed(0))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    before = method.encoder.conv1.weight.detach().clone()
+    out.loss.backward()
+    assert method.encoder.conv1.weight.grad.abs().sum() > 0
+    opt.step()
+    method.after_step(0)
+    assert not torch.equal(before, method.encoder.conv1.weight)
+    assert method.encoder is method.backbone
+
+
+def test_simclr_loss_at_init_is_near_log_of_negatives() -> None:
+    """At random init all views look alike to the head: NT-Xent ≈ log(2N − 1)."""
+    method = _method("simclr", temperature=10.0)
+    loss = method.training_step(_batch(), 0, torch.Generator().manual_seed(0)).loss
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(15.0)).item(), abs=0.05)
+
+
+def test_mocov2_momentum_update_and_enqueue_by_hand() -> None:
+    method = _method("mocov2", momentum=0.9)
+    assert isinstance(method, MoCoV2)
+    key_before = [p.detach().clone() for p in method.key_backbone.parameters()]
+    assert all(
+        torch.equal(a, b) for a, b in zip(key_before, method.backbone.parameters(), strict=True)
+    )
+    assert not any(p.requires_grad for p in method.key_backbone.parameters())
+    out = method.training_step(_batch(), 0, torch.Generator().manual_seed(0))
+    assert int(method.queue.ptr) == 8  # this step's 8 keys were enqueued
+    out.loss.backward()
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)  # a stand-in optimizer step
+    method.after_step(0)
+    for k_old, k_new, q in zip(
+        key_before, method.key_backbone.parameters(), method.backbone.parameters(), strict=True
+    ):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
+    # optimizer sees only the query side
+    opt_params = {id(p) for g in method.param_groups() for p in g["params"]}
+    assert not opt_params & {id(p) for p in method.key_backbone.parameters()}
+    assert "queue.keys" in method.state_dict() and "queue.ptr" in method.state_dict()
+
+
+def test_mocov2_keys_are_encoded_without_gradient() -> None:
+    method = _method("mocov2")
+    k = method.encode_key(torch.randn(4, 3, 16, 16), torch.Generator())
+    assert not k.requires_grad
+    torch.testing.assert_close(k.norm(dim=1), torch.ones(4))
+
+
+def test_byol_asymmetric_views_and_cosine_momentum() -> None:
+    method = _method("byol", total_steps=100)
+    assert isinstance(method, BYOL)
+    v1, v2 = method.view_configs
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert method.momentum_at(0) == pytest.approx(0.996) and method.momentum_at(
+        100
+    ) == pytest.approx(1.0)
+    online = [p.detach().clone() for p in method.projector.parameters()]
+    target = [p.detach().clone() for p in method.target_projector.parameters()]
+    with torch.no_grad():
+        for p in method.projector.parameters():
+            p.mul_(2.0)
+    method.after_step(50)  # τ = 0.998
+    for t_old, t_new, o in zip(target, method.target_projector.parameters(), online, strict=True):
+        torch.testing.assert_close(t_new, 0.998 * t_old + 0.002 * (2 * o))
+    out = method.training_step(_batch(), 50, torch.Generator().manual_seed(0))
+    assert out.logs["momentum"] == pytest.approx(0.998)
+    assert 0.0 <= out.loss.item() <= 8.0  # two terms of 2 − 2·cos each
+
+
+def test_simsiam_param_groups_fix_the_predictor_lr() -> None:
+    method = _method("simsiam")
+    assert isinstance(method, SimSiam)
+    groups = method.param_groups()
+    assert [g.get("fixed_lr", False) for g in groups] == [False, True]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in method.parameters()) and len(set(ids)) == len(ids)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.predictor.parameters()}
+    no_fix = _method("simsiam", fix_pred_lr=False).param_groups()
+    assert [g.get("fixed_lr", False) for g in no_fix] == [False, False]
+
+
+def test_simsiam_loss_is_bounded_and_symmetric() -> None:
+    method = _method("simsiam")
+    out = method.training_step(_batch(), 0, torch.Generator().manual_seed(0))
+    assert -1.0 <= out.loss.item() <= 1.0
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_entry_recipes_validate_and_state_their_paper(name: str) -> None:
+    entry = load_entry(name)
+    assert entry.paper.arxiv and entry.evaluations == ("knn", "linear")
+    cls = METHODS.get(name)
+    for scale in SCALES:
+        recipe = entry.recipe("default", scale)
+        assert recipe.method == name
+        cfg = from_dict(cls.Config, recipe.params, entry.path, "params")
+        assert cfg.views.size == (224 if scale == "paper" else 32)
+        if scale != "paper":
+            assert recipe.deviations, f"{name}/{scale} states no deviations"
+    paper = entry.recipe("default", "paper")
+    assert paper.backbone == "resnet50" and paper.data.dataset == "imagenet"
+    assert all(ref.source for ref in entry.references)
+
+
+def test_method_configs_reject_unknown_keys() -> None:
+    from cropbench.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"params.views.sise: unknown key; valid keys of ViewConfig"
+    ):
+        from_dict(METHODS.get("simclr").Config, {"views": {"sise": 32}}, "x.yaml", "params")
+    with pytest.raises(ConfigError, match=r"ViewConfig.jitter_p: expected a probability"):
+        from_dict(METHODS.get("byol").Config, {"views": {"jitter_p": 2.0}}, "x.yaml", "params")
+
+
+def test_ema_parameters_are_excluded_from_the_default_param_groups() -> None:
+    for name in ("mocov2", "byol"):
+        method = _method(name)
+        frozen = [p for p in method.parameters() if not p.requires_grad]
+        assert frozen and not (
+            {id(p) for p in frozen} & {id(p) for g in method.param_groups() for p in g["params"]}
+        )
+        assert isinstance(method.momentum_pairs()[0][1], nn.Module)
