@@ -14,24 +14,27 @@ nearest-upsampled per sample, which is what the official code does once on disk.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cropbench.data.images import normalize
+from cropbench.data import DatasetSpec, register_dataset
+from cropbench.data.images import normalize, to_canvas
 from cropbench.errors import ConfigError, DatasetError, TrainingError
 from cropbench.methods.base import ImageBatch, MethodContext, StepOutput, View
 from cropbench.methods.byol import BYOL
 from cropbench.methods.heads import byol_mlp
 from cropbench.methods.mask_pool import (
-    cluster_group,
+    MaskedImages,
+    MaskFile,
     crop_masks,
     detcon_loss,
     hypercolumn,
@@ -42,7 +45,47 @@ from cropbench.methods.mask_pool import (
 )
 from cropbench.methods.momentum import momentum_copy
 from cropbench.registry import METHODS
-from cropbench.trainer import save_atomic
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means: N×D points -> (labels N, centroids k×D).
+
+    Initial centroids: k distinct points drawn with ``generator`` (faiss' default init); an empty
+    cluster keeps its previous centroid.
+    """
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k-means needs 1 <= k <= number of points ({x.shape[0]}), got k={k}")
+    pick = torch.randperm(x.shape[0], generator=generator, device=generator.device)[:k]
+    centroids = x[pick.to(x.device)].clone()
+    for _ in range(iters):
+        onehot = F.one_hot(_nearest(x, centroids), k).to(x.dtype)  # N×k
+        counts = onehot.sum(0).unsqueeze(1)
+        centroids = torch.where(counts > 0, onehot.T @ x / counts.clamp_min(1), centroids)
+    return _nearest(x, centroids), centroids
+
+
+def _nearest(x: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid (squared Euclidean) of each row of x. -> N long."""
+    return (2 * x @ centroids.T - (centroids**2).sum(1)).argmax(dim=1)
+
+
+@torch.no_grad()
+def cluster_group(
+    feats: Tensor, k_range: tuple[int, int], iters: int, generator: torch.Generator
+) -> Tensor:
+    """Joint k-means over all cells of a group of images (CYBORGS). -> G×h×w long.
+
+    feats: G×D×h×w; cells are L2-normalised; K ~ U[k_lo, k_hi], capped at h·w (CYBORGS caps it at
+    the smallest feature map). Ids are shared across the group's images.
+    """
+    g, d, h, w = feats.shape
+    dev = generator.device
+    k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=generator, device=dev))
+    points = F.normalize(feats.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)
+    labels, _ = kmeans(points, min(k, h * w), iters, generator)
+    return labels.view(g, h, w)
+
 
 FeatureFn = Callable[[Tensor], Tensor]  # uint8 G×3×S×S canvases -> G×D×h×w features
 
@@ -77,91 +120,46 @@ def compute_masks(
     return torch.cat(out).to(torch.int16)
 
 
-@dataclass
-class MaskFile:
-    """One round of masks, as saved under ``<run_dir>/masks/``."""
+COCO_IMAGES_LAYOUT = (
+    "<root>/coco/{train2017,val2017}/*.jpg   (every image of the split folder; no labels)"
+)
 
-    masks: Tensor  # N×h×w int16 segment ids (-1: none); h, w divide the canvas size
-    checksums: Tensor  # N int64: ``checksum`` of the canvas each mask was made for
-    round: int = 0
-    source: str = ""
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(
-            {
-                "masks": self.masks,
-                "checksums": self.checksums,
-                "round": self.round,
-                "source": self.source,
-            },
-            path,
-        )
+class FlatImageCanvas(Dataset):
+    """All images of one folder as canvases with label -1: CYBORGS pretrains on COCO train2017."""
 
-    @staticmethod
-    def load(path: Path) -> MaskFile:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            return MaskFile(
-                blob["masks"], blob["checksums"], int(blob["round"]), str(blob["source"])
-            )
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+    def __init__(self, folder: Path, split: str, image_size: int = 256):
+        root = folder / f"{split}2017" if (folder / f"{split}2017").is_dir() else folder / split
+        if not root.is_dir():
             raise DatasetError(
-                f"{path}: not a cropbench mask file (masks, checksums, round, source): {e}"
-            ) from e
-
-
-class MaskedImages(Dataset):
-    """A canvas dataset whose samples also carry their segment map (CYBORGS' training set)."""
-
-    def __init__(self, base: Any, checksums: Tensor, image_size: int):
-        self.base, self.checksums, self.image_size = base, checksums, image_size
-        self.masks: Tensor | None = None
-        self.source = ""
-
-    def set_masks(self, mf: MaskFile, path: Path) -> None:
-        """Validate a mask file against the images, then use it. Mismatch -> DatasetError."""
-        n, s = len(self.checksums), self.image_size
-        if mf.masks.dim() != 3 or mf.masks.shape[0] != n:
-            raise DatasetError(
-                f"{path}: masks has shape {tuple(mf.masks.shape)}, "
-                f"expected {n}×h×w for the {n} training images"
+                f"image folder {root} not found\nexpected layout:\n{COCO_IMAGES_LAYOUT}"
             )
-        h, w = mf.masks.shape[1:]
-        if s % h or s % w:
-            raise DatasetError(
-                f"{path}: mask resolution {h}×{w} does not divide the {s}×{s} canvas"
-            )
-        bad = (mf.checksums != self.checksums).nonzero()
-        if len(bad):
-            raise DatasetError(
-                f"{path}: mask {int(bad[0])} (and {len(bad) - 1} more) was made for another "
-                f"image than training sample {int(bad[0])}; regenerate the masks for this dataset"
-            )
-        self.masks, self.source = mf.masks, str(path)
+        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if not self.files:
+            raise DatasetError(f"{root}: no images\nexpected layout:\n{COCO_IMAGES_LAYOUT}")
+        self.image_size = image_size
 
     def __len__(self) -> int:
-        return len(self.checksums)
+        return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int, Tensor]:
-        img, label, idx = self.base[i]
-        if self.masks is None:
-            raise DatasetError("MaskedImages: no masks loaded yet (call set_masks)")
-        m = self.masks[i].long()
-        m = m.repeat_interleave(self.image_size // m.shape[0], 0).repeat_interleave(
-            self.image_size // m.shape[1], 1
-        )
-        return img, label, idx, m
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        try:
+            with Image.open(self.files[i]) as img:
+                return to_canvas(img, self.image_size), -1, i
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot decode image {self.files[i]}: {e}") from e
 
-    @staticmethod
-    def collate(samples: list[tuple[Tensor, int, int, Tensor]]) -> ImageBatch:
-        imgs, labels, idx, masks = zip(*samples, strict=True)
-        return ImageBatch(
-            torch.stack(imgs),
-            torch.tensor(labels, dtype=torch.long),
-            torch.tensor(idx, dtype=torch.long),
-            masks=torch.stack(masks),
-        )
+
+register_dataset(
+    DatasetSpec(
+        "coco_images",
+        "classification",
+        "coco",
+        COCO_IMAGES_LAYOUT,
+        lambda folder, split, image_size=256, **_: FlatImageCanvas(folder, split, image_size),
+        description="COCO 2017 images without annotations, as canvases (CYBORGS pretraining set)",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -206,7 +204,8 @@ class CYBORGS(BYOL):
         """Wrap the training set with its round-0 masks (computed once, kept under run_dir)."""
         self.run_dir = Path(run_dir)
         sums = torch.cat([checksum(b) for b in canvas_batches(dataset)])
-        self.data = MaskedImages(dataset, sums, int(dataset[0][0].shape[-1]))
+        size = int(dataset[0][0].shape[-1])
+        self.data = MaskedImages(dataset, sums, size, self.cfg.num_segments)
         self.load_round(0, torch.device("cpu"), seed=0, save=True)
         return self.data
 
@@ -264,13 +263,16 @@ class CYBORGS(BYOL):
                 )
         return views
 
+    def segment_grid(self, view: View) -> Tensor:
+        """The view's segment map reduced to its C5 grid (majority id per cell). -> B×h×w."""
+        stride = self.backbone.output_stride
+        hw = (view.tensor.shape[2] // stride, view.tensor.shape[3] // stride)
+        return masks_to_grid(view.prov.extra["mask"], hw, self.cfg.num_segments)
+
     def embed(self, view: View, grid: Tensor, ids: Tensor, online: bool) -> Tensor:
         """Segment embeddings of one view: online predictions or target projections. -> B×R×D."""
-        backbone, proj = (
-            (self.backbone, self.projector)
-            if online
-            else (self.target_backbone, self.target_projector)
-        )
+        backbone = self.backbone if online else self.target_backbone
+        proj = self.projector if online else self.target_projector
         stages = backbone.forward_stages(view.tensor)
         feats = hypercolumn([stages[s] for s in self.cfg.hyper_stages])  # B×C×h×w
         z = proj(mask_pool(feats, grid, ids).flatten(0, 1))  # (B·R)×D: BN over all segments
@@ -283,23 +285,12 @@ class CYBORGS(BYOL):
                 "through CYBORGS.prepare_dataset (the trainer does this)"
             )
         cfg, views = self.cfg, self.make_views(batch, generator)
-        stride = self.backbone.output_stride
-        grids = [
-            masks_to_grid(
-                v.prov.extra["mask"],
-                (v.tensor.shape[2] // stride, v.tensor.shape[3] // stride),
-                cfg.num_segments,
-            )
-            for v in views
-        ]
+        grids = [self.segment_grid(v) for v in views]
+        # online and target networks draw their segments independently (CYBORGS builder.py)
         pid = [sample_segments(g, cfg.n_sampled, cfg.num_segments, generator) for g in grids]
-        tid = [
-            sample_segments(g, cfg.n_sampled, cfg.num_segments, generator) for g in grids
-        ]  # independent
+        tid = [sample_segments(g, cfg.n_sampled, cfg.num_segments, generator) for g in grids]
         if all(bool((i < 0).all()) for i in pid):
-            raise TrainingError(
-                "cyborgs: no view of this batch has a valid segment (all mask ids are -1)"
-            )
+            raise TrainingError("cyborgs: no view of this batch has a valid segment (mask ids -1)")
         p = [self.embed(v, g, i, online=True) for v, g, i in zip(views, grids, pid, strict=True)]
         with torch.no_grad():
             z = [

@@ -15,11 +15,20 @@ ECCV 2022; REPO renwang435/CYBORGS@5737d31 ``model/builder.py``, ``model/losses.
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from cropbench.dist import DistContext, gather_no_grad
+from cropbench.errors import DatasetError
+from cropbench.methods.base import ImageBatch
+from cropbench.trainer import save_atomic
 
 IGNORE = -1  # segment id of pixels that belong to no segment (e.g. padding)
 
@@ -166,44 +175,86 @@ def detcon_loss(
     )
 
 
-# ------------------------------------------------------------------ mask bootstrapping (k-means)
+# ------------------------------------------------------------------ mask files
 
 
-@torch.no_grad()
-def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means: N×D points -> (labels N, centroids k×D).
+@dataclass
+class MaskFile:
+    """One round of masks, as saved under ``<run_dir>/masks/``."""
 
-    Initial centroids: k distinct points drawn with ``generator`` (faiss' default init); an empty
-    cluster keeps its previous centroid.
-    """
-    if not 1 <= k <= x.shape[0]:
-        raise ValueError(f"k-means needs 1 <= k <= number of points ({x.shape[0]}), got k={k}")
-    pick = torch.randperm(x.shape[0], generator=generator, device=generator.device)[:k]
-    centroids = x[pick.to(x.device)].clone()
-    for _ in range(iters):
-        onehot = F.one_hot(_nearest(x, centroids), k).to(x.dtype)  # N×k
-        counts = onehot.sum(0).unsqueeze(1)
-        centroids = torch.where(counts > 0, onehot.T @ x / counts.clamp_min(1), centroids)
-    return _nearest(x, centroids), centroids
+    masks: Tensor  # N×h×w int16 segment ids (-1: none); h, w divide the canvas size
+    checksums: Tensor  # N int64: ``checksum`` of the canvas each mask was made for
+    round: int = 0
+    source: str = ""
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(asdict(self), path)
+
+    @staticmethod
+    def load(path: Path) -> MaskFile:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            return MaskFile(**{k: blob[k] for k in ("masks", "checksums", "round", "source")})
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+            raise DatasetError(
+                f"{path}: not a cropbench mask file (masks, checksums, round, source): {e}"
+            ) from e
 
 
-def _nearest(x: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid (squared Euclidean) of each row of x. -> N long."""
-    return (2 * x @ centroids.T - (centroids**2).sum(1)).argmax(dim=1)
+class MaskedImages(Dataset):
+    """A canvas dataset whose samples also carry their segment map (CYBORGS' training set)."""
 
+    def __init__(self, base: Any, checksums: Tensor, image_size: int, num_segments: int = 256):
+        self.base, self.checksums, self.image_size = base, checksums, image_size
+        self.num_segments = num_segments  # ids must lie in [-1, num_segments)
+        self.masks: Tensor | None = None
+        self.source = ""
 
-@torch.no_grad()
-def cluster_group(
-    feats: Tensor, k_range: tuple[int, int], iters: int, generator: torch.Generator
-) -> Tensor:
-    """Joint k-means over all cells of a group of images (CYBORGS). -> G×h×w long.
+    def set_masks(self, mf: MaskFile, path: Path) -> None:
+        """Validate a mask file against the images, then use it. Mismatch -> DatasetError."""
+        n, s = len(self.checksums), self.image_size
+        if mf.masks.dim() != 3 or mf.masks.shape[0] != n:
+            raise DatasetError(
+                f"{path}: masks has shape {tuple(mf.masks.shape)}, "
+                f"expected {n}×h×w for the {n} training images"
+            )
+        h, w = mf.masks.shape[1:]
+        if s % h or s % w:
+            raise DatasetError(
+                f"{path}: mask resolution {h}×{w} does not divide the {s}×{s} canvas"
+            )
+        lo, hi = int(mf.masks.min()), int(mf.masks.max())
+        if lo < -1 or hi >= self.num_segments:
+            raise DatasetError(
+                f"{path}: segment ids span [{lo}, {hi}], expected [-1, {self.num_segments}) "
+                f"(params.num_segments); relabel the masks or raise num_segments"
+            )
+        bad = (mf.checksums != self.checksums).nonzero()
+        if len(bad):
+            raise DatasetError(
+                f"{path}: mask {int(bad[0])} (and {len(bad) - 1} more) was made for another "
+                f"image than training sample {int(bad[0])}; regenerate the masks for this dataset"
+            )
+        self.masks, self.source = mf.masks, str(path)
 
-    feats: G×D×h×w; cells are L2-normalised; K ~ U[k_lo, k_hi], capped at h·w (CYBORGS caps it at
-    the smallest feature map). Ids are shared across the group's images.
-    """
-    g, d, h, w = feats.shape
-    dev = generator.device
-    k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=generator, device=dev))
-    points = F.normalize(feats.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, d)
-    labels, _ = kmeans(points, min(k, h * w), iters, generator)
-    return labels.view(g, h, w)
+    def __len__(self) -> int:
+        return len(self.checksums)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int, Tensor]:
+        img, label, idx = self.base[i]
+        if self.masks is None:
+            raise DatasetError("MaskedImages: no masks loaded yet (call set_masks)")
+        m = self.masks[i].long()
+        sy, sx = self.image_size // m.shape[0], self.image_size // m.shape[1]
+        return img, label, idx, m.repeat_interleave(sy, 0).repeat_interleave(sx, 1)
+
+    @staticmethod
+    def collate(samples: list[tuple[Tensor, int, int, Tensor]]) -> ImageBatch:
+        imgs, labels, idx, masks = zip(*samples, strict=True)
+        return ImageBatch(
+            torch.stack(imgs),
+            torch.tensor(labels, dtype=torch.long),
+            torch.tensor(idx, dtype=torch.long),
+            masks=torch.stack(masks),
+        )

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from cropbench.errors import DatasetError
-from cropbench.methods.cyborgs import MaskedImages, MaskFile, canvas_batches, checksum
+from cropbench.methods.cyborgs import canvas_batches, checksum, cluster_group, kmeans
 from cropbench.methods.mask_pool import (
-    cluster_group,
+    MaskedImages,
+    MaskFile,
     crop_masks,
     detcon_loss,
     hypercolumn,
-    kmeans,
     mask_pool,
     masks_to_grid,
     sample_segments,
