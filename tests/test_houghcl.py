@@ -76,3 +76,17 @@ def test_hough_recovers_true_matches_far_more_often_than_wta_under_clutter_and_o
 def test_match_accuracy_ignores_cells_without_a_true_match():
     truth = torch.tensor([[0, -1, 2, 3]])
     assert abs(match_accuracy(torch.tensor([[0, 9, 2, 0]]), truth) - 2 / 3) < 1e-6
+
+
+def test_houghcl_step_is_densecl_with_hough_voted_positives():
+    from test_dense import naive_wta, reference_dense_loss, tiny_batch, tiny_method
+
+    m, batch = tiny_method("houghcl"), tiny_batch()
+    hough = lambda q, k: [_naive_hough(q[b], k[b]) for b in range(q.shape[0])]  # noqa: E731
+    ref, _ = reference_dense_loss(m, batch, 5, hough)
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(5))
+    assert abs(out.loss.item() - ref) < 1e-4
+    wta, _ = reference_dense_loss(m, batch, 5, naive_wta)
+    assert abs(wta - ref) > 1e-2  # the Hough positives really differ from DenseCL's here
+    n_dense = sum(p.numel() for p in tiny_method("densecl").parameters())
+    assert sum(p.numel() for p in m.parameters()) == n_dense  # no extra learnable parameters
