@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dense import naive_infonce, tiny_batch, tiny_method
 
 from cropbench.methods.region_swap import (
     box_to_cells,
@@ -126,3 +127,88 @@ def test_view_box_maps_back_to_canvas_coordinates_with_and_without_flip():
     assert out[0].tolist() == [18.0, 20.0, 26.0, 24.0]
     # flipped: view columns [8, 16) show box columns [32-16, 32-8) = [16, 24)
     assert out[1].tolist() == [26.0, 20.0, 34.0, 24.0]
+
+
+# ------------------------------------------------------------------ the RegionCL methods
+
+
+def _naive_pool(c5: torch.Tensor, box_cells: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    x0, y0, x1, y1 = box_cells
+    h, w = c5.shape[2:]
+    inside = [(y, x) for y in range(h) for x in range(w) if x0 <= x < x1 and y0 <= y < y1]
+    outside = [(y, x) for y in range(h) for x in range(w) if (y, x) not in inside]
+    mean = lambda cells: torch.stack([c5[:, :, y, x] for y, x in cells]).mean(0)  # noqa: E731
+    return mean(outside), mean(inside)
+
+
+def test_composite_view_swaps_the_region_with_the_partner_and_records_provenance():
+    m, batch = tiny_method("regioncl_m", region={"cells": [1, 3]}), tiny_batch(n=4)
+    v_q, v_k, mix = m.make_views(batch, torch.Generator().manual_seed(1))
+    x0, y0, x1, y1 = mix.prov.extra["region_box"][0].tolist()
+    assert all(v % 8 == 0 for v in (x0, y0, x1, y1))  # grid-aligned: resnet_micro stride 8
+    partner = mix.prov.extra["partner"].tolist()
+    assert partner == [3, 2, 1, 0]
+    for i in range(4):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(mix.tensor[i][:, inside], v_q.tensor[partner[i]][:, inside])
+        assert torch.equal(mix.tensor[i][:, ~inside], v_q.tensor[i][:, ~inside])
+    assert torch.equal(mix.prov.boxes, v_q.prov.boxes)  # the composite is cut like view 1
+    hole = mix.prov.extra["region_canvas_box"]
+    assert torch.equal(mix.prov.extra["paste_source_box"], hole[torch.tensor(partner)])
+
+
+@pytest.mark.parametrize("n", [4, 5])
+@torch.no_grad()
+def test_regioncl_m_step_is_instance_plus_region_infonce(n):
+    m, batch = tiny_method("regioncl_m", region={"cells": [1, 3]}), tiny_batch(n=n)
+    v_q, v_k, mix = m.make_views(batch, torch.Generator().manual_seed(2))
+    tau, queue = m.cfg.temperature, m.queue.keys.clone()
+    q = F.normalize(m.projector(m.backbone(v_q.tensor)), dim=1)
+    k = F.normalize(m.key_projector(m.key_backbone(v_k.tensor)), dim=1)
+    c5 = m.backbone.forward_stages(mix.tensor)[-1]
+    canvas, paste = _naive_pool(c5, (mix.prov.extra["region_box"][0] // 8).tolist())
+    c, p = F.normalize(m.projector(torch.cat([canvas, paste])), dim=1).chunk(2)
+    region = _naive_region_loss(c, p, k, queue, mix.prov.extra["partner"], tau)
+    instance = naive_infonce(q, k, queue, tau)
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(2))
+    assert abs(out.loss.item() - (instance + region.item())) < 1e-4
+    assert abs(out.logs["loss_region"].item() - region.item()) < 1e-4
+    assert int(m.queue.ptr) == 4 and torch.allclose(
+        m.queue.keys[:4], k, atol=1e-5
+    )  # clean keys only
+
+
+@torch.no_grad()
+def test_regioncl_s_step_is_simsiam_plus_region_regression():
+    m = tiny_method("regioncl_s", dim=16, pred_dim=8, region={"cells": [1, 3]})
+    batch = tiny_batch(n=4)
+    v1, v2, mix = m.make_views(batch, torch.Generator().manual_seed(4))
+    z1, z2 = m.projector(m.backbone(v1.tensor)), m.projector(m.backbone(v2.tensor))
+    p1, p2 = m.predictor(z1), m.predictor(z2)
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=1).mean().item()  # noqa: E731
+    simsiam = -0.5 * (cos(p1, z2) + cos(p2, z1))
+    canvas, paste = _naive_pool(
+        m.backbone.forward_stages(mix.tensor)[-1], (mix.prov.extra["region_box"][0] // 8).tolist()
+    )
+    pc, pp = m.predictor(m.projector(torch.cat([canvas, paste]))).chunk(2)
+    partner = mix.prov.extra["partner"]
+    src = torch.argsort(partner)  # row j of pp[src] is the region cut from image j
+    region = -0.5 * (cos(pc, z2) + cos(pp[src], z2))
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(4))
+    assert abs(out.loss.item() - (simsiam + region)) < 1e-4
+
+
+def test_regioncl_d_adds_the_region_term_to_densecl():
+    m = tiny_method("regioncl_d", region={"cells": [1, 3]})
+    out = m.training_step(tiny_batch(n=4), 0, torch.Generator().manual_seed(6))
+    lg = {k: float(v) for k, v in out.logs.items()}
+    expected = 0.5 * lg["loss_global"] + 0.5 * lg["loss_dense"] + lg["loss_region"]
+    assert abs(out.loss.item() - expected) < 1e-4
+    assert int(m.dense_queue.ptr) == 4
+
+
+def test_regioncl_rejects_a_batch_too_small_to_swap():
+    m = tiny_method("regioncl_m", region={"cells": [1, 3]})
+    with pytest.raises(ValueError, match="need a batch of >= 2"):
+        m.training_step(tiny_batch(n=1), 0, torch.Generator().manual_seed(0))
