@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cropbench.errors import DatasetError
-from cropbench.methods.cyborgs import canvas_batches, checksum, cluster_group, kmeans
+from cropbench.backbones import resnet_micro
+from cropbench.config import from_dict
+from cropbench.dist import DistContext
+from cropbench.errors import DatasetError, TrainingError
+from cropbench.methods.base import MethodContext
+from cropbench.methods.cyborgs import CYBORGS, canvas_batches, checksum, cluster_group, kmeans
 from cropbench.methods.mask_pool import (
     MaskedImages,
     MaskFile,
@@ -212,3 +217,94 @@ def test_masked_images_upsample_masks_to_the_canvas_nearest():
     assert batch.masks[0, :4, :4].unique().tolist() == [0] and batch.masks[
         0, 4:, 4:
     ].unique().tolist() == [3]
+
+
+# ------------------------------------------------------------------ the CYBORGS method
+
+
+def _cyborgs(**masks) -> CYBORGS:
+    cfg = from_dict(
+        CYBORGS.Config,
+        {
+            "views": {"size": 32, "blur_p": 0.0},
+            "blur_p": [0.0, 0.0],
+            "hidden_dim": 32,
+            "out_dim": 8,
+            "n_sampled": 4,
+            "num_segments": 8,
+            "masks": {
+                "k_range": [2, 4],
+                "stage": 2,
+                "round0_grid": 8,
+                "group_size": 4,
+                "iters": 5,
+                **masks,
+            },
+        },
+    )
+    torch.manual_seed(0)
+    return CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext())
+
+
+def _trainer(run_dir: Path) -> SimpleNamespace:
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        run_dir=run_dir,
+        dist=DistContext(),
+        recipe=SimpleNamespace(train=SimpleNamespace(seed=0)),
+    )
+
+
+def test_cyborgs_step_carries_masks_through_the_views_and_trains(tmp_path):
+    m, ds = _cyborgs(), _Canvases(n=8, size=64)
+    data = m.prepare_dataset(ds, tmp_path)
+    assert (tmp_path / "masks" / "round_000.pt").exists()
+    batch = MaskedImages.collate([data[i] for i in range(8)])
+    views = m.make_views(batch, torch.Generator().manual_seed(0))
+    for v in views:  # each view's segment map is the canvas mask under the same crop and flip
+        assert torch.equal(
+            v.prov.extra["mask"], crop_masks(batch.masks, v.prov.boxes, v.prov.flipped, (32, 32))
+        )
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.logs["segments_per_view"] >= 1
+    out.loss.backward()
+    assert m.backbone.conv1.weight.grad is not None and m.target_backbone.conv1.weight.grad is None
+
+
+def test_cyborgs_errors_without_masks_or_without_any_segment(tmp_path):
+    m, ds = _cyborgs(), _Canvases(n=4, size=64)
+    batch = MaskedImages.collate([(*ds[i], torch.full((64, 64), -1)) for i in range(4)])
+    with pytest.raises(TrainingError, match="no view of this batch has a valid segment"):
+        m.training_step(batch, 0, torch.Generator().manual_seed(0))
+    batch.masks = None
+    with pytest.raises(TrainingError, match="carries no masks"):
+        m.training_step(batch, 0, torch.Generator().manual_seed(0))
+
+
+def test_masks_are_bootstrapped_every_n_epochs_and_reloaded_on_resume(tmp_path):
+    m, ds = _cyborgs(bootstrap_every=2), _Canvases(n=8, size=64)
+    data = m.prepare_dataset(ds, tmp_path)
+    round0 = data.masks.clone()
+    for epoch in (0, 1):
+        m.on_epoch_start(epoch, _trainer(tmp_path))
+        assert m.mask_round == 0 and torch.equal(data.masks, round0)
+    m.on_epoch_start(2, _trainer(tmp_path))
+    r1 = tmp_path / "masks" / "round_001.pt"
+    assert m.mask_round == 1 and r1.exists() and data.source == str(r1)
+    assert data.masks.shape == (8, 16, 16)  # clustered on C4 (stride 4) of the 64-px canvases
+    assert not torch.equal(data.masks, round0)
+    stamp = r1.stat().st_mtime_ns
+    resumed = _cyborgs(bootstrap_every=2)
+    resumed.prepare_dataset(ds, tmp_path)
+    resumed.on_epoch_start(3, _trainer(tmp_path))  # resume mid-round: read the file, no recompute
+    assert resumed.mask_round == 1 and torch.equal(resumed.data.masks, data.masks)
+    assert r1.stat().st_mtime_ns == stamp
+
+
+def test_an_initial_mask_file_with_ids_out_of_range_is_rejected(tmp_path):
+    ds = _Canvases(n=4, size=64)
+    sums = torch.cat([checksum(b) for b in canvas_batches(ds)])
+    MaskFile(torch.full((4, 8, 8), 9, dtype=torch.int16), sums).save(tmp_path / "init.pt")
+    m = _cyborgs(init_file=str(tmp_path / "init.pt"))
+    with pytest.raises(DatasetError, match=r"segment ids span \[9, 9\], expected \[-1, 8\)"):
+        m.prepare_dataset(ds, tmp_path / "run")
