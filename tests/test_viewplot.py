@@ -1,0 +1,69 @@
+"""``cropbench views``: statistics from provenance against hand computations, and readable PNGs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cropbench.methods.base import View, ViewProvenance
+from cropbench.viewplot import render_views, view_statistics
+
+
+def _view(boxes: list[list[float]], flipped: list[bool], extra: dict | None = None) -> View:
+    prov = ViewProvenance(
+        torch.tensor(boxes), torch.tensor(flipped), (64, 64), (32, 32), extra or {}
+    )
+    return View(torch.zeros(len(boxes), 3, 32, 32), prov)
+
+
+def test_view_statistics_against_hand_computed_iou_centre_distance_and_areas():
+    v1 = _view([[0, 0, 32, 32], [0, 0, 64, 64]], [False, True])
+    region = torch.tensor([[8, 8, 24, 32], [8, 8, 24, 32]])
+    v2 = _view([[16, 16, 48, 48], [0, 0, 64, 64]], [False, False], {"region_box": region})
+    s = view_statistics([v1, v2])
+    # pair 0: intersection 16×16 = 256, union 1024 + 1024 - 256; centres (16,16) and (32,32)
+    assert math.isclose(s["pair0.iou"], 256 / 1792, rel_tol=1e-6)
+    assert math.isclose(s["pair0.centre_dist"], math.hypot(16 / 64, 16 / 64), rel_tol=1e-6)
+    assert math.isclose(s["pair1.iou"], 1.0) and s["pair1.centre_dist"] == 0.0
+    assert math.isclose(s["iou_mean"], (256 / 1792 + 1) / 2, rel_tol=1e-6)
+    assert math.isclose(s["pair0.scale_v1"], 0.25) and math.isclose(s["pair1.scale_v2"], 1.0)
+    assert math.isclose(s["region_area_mean"], 16 * 24 / (32 * 32))
+    assert s["flipped"] == 0.25
+
+
+def _png_ok(path: Path) -> None:
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 300 and img.height > 300
+        assert len(set(img.convert("L").getdata())) > 50  # a picture, not a blank canvas
+
+
+def test_render_regioncl_views_draws_the_composite_and_reports_region_statistics(
+    tmp_path, data_root
+):
+    out = tmp_path / "regioncl.png"
+    stats = render_views("regioncl", "m", out, n_images=3, seed=1, data_root=data_root)
+    _png_ok(out)
+    assert {"iou_mean", "centre_dist_mean", "region_area_mean", "pair2.region_area"} <= set(stats)
+    assert stats["region_area_mean"] in {
+        a * b / 16 for a in (2, 3) for b in (2, 3)
+    }  # 2-3 cells of 4
+    assert 0 <= stats["iou_mean"] <= 1
+
+
+@pytest.mark.parametrize(("entry", "variant"), [("cyborgs", "default"), ("houghcl", "default")])
+def test_render_views_of_other_entries(entry, variant, tmp_path, data_root):
+    out = tmp_path / f"{entry}.png"
+    stats = render_views(entry, variant, out, n_images=2, data_root=data_root)
+    _png_ok(out)
+    if entry == "cyborgs":
+        assert stats["segments_v1_mean"] >= 1 and stats["segments_v2_mean"] >= 1
+    assert "pair1.iou" in stats
+
+
+def test_render_views_rejects_a_bad_image_count(tmp_path, data_root):
+    with pytest.raises(ValueError, match="--n-images must be between 1 and"):
+        render_views("regioncl", "m", tmp_path / "x.png", n_images=0, data_root=data_root)
