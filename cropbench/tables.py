@@ -110,18 +110,27 @@ class _Table:
     notes: list[str]  # deviation footnotes, "[n] entry/variant: key: why; ..."
 
 
+def _footnotes(rows: list[_Row]) -> tuple[dict[str, int], list[str]]:
+    """Number each distinct deviation list (rows that share one, e.g. a variant and its random-init
+    baseline, share the number): -> (row label -> number, footnote lines)."""
+    numbers: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}  # deviation text -> labels, in row order
+    for r in rows:
+        if r.deviations:
+            text = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
+            texts.setdefault(text, []).append(r.label)
+            numbers[r.label] = list(texts).index(text) + 1
+    notes = [f"[{i}] {', '.join(who)}: {text}" for i, (text, who) in enumerate(texts.items(), 1)]
+    return numbers, notes
+
+
 def _table(scale: str, group: str, records: list[Record]) -> _Table:
     rows = _rows(records)
     cols = _columns(rows)
-    body, notes = [], []
+    numbers, notes = _footnotes(rows)
+    body = []
     for r in rows:
-        label = r.label
-        if r.deviations:
-            notes.append(
-                f"[{len(notes) + 1}] {r.label}: "
-                + "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
-            )
-            label += f" [{len(notes)}]"
+        label = f"{r.label} [{numbers[r.label]}]" if r.label in numbers else r.label
         cells = [_cell(r.values[c]) if c in r.values else "–" for c in cols]
         tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else "–"
         body.append([label, *cells, tput, str(len(r.seeds))])

@@ -152,6 +152,9 @@ def test_provenance(tmp_path: Path) -> None:
 # ---- tables ----
 
 
+REGIONCL_DEV = {"train.epochs": "3, not 200 (CPU)", "optim.lr": "x_y & z"}
+
+
 def _records() -> list[Record]:
     return [
         rec(seed=0, top1=60.0, top5=90.0, ips=100.0),
@@ -160,11 +163,13 @@ def _records() -> list[Record]:
         rec(
             "regioncl",
             "regioncl_m",
-            deviations={"train.epochs": "3, not 200 (CPU)", "optim.lr": "x_y & z"},
+            deviations=REGIONCL_DEV,
             top1=70.0,
         ),
         rec(variant="default+random_init", top1=14.2, top5=61.6),
         rec(scale="small", top1=80.0),
+        rec("regioncl", "regioncl_m+random_init", deviations=REGIONCL_DEV, top1=20.0),
+        rec("densecl", deviations={"train.epochs": "2"}, top1=30.0),
     ]
 
 
@@ -183,8 +188,14 @@ def test_leaderboard_md_numbers_marker_and_footnote() -> None:
         "105.0",
         "2",
     ]
-    assert "| regioncl/regioncl_m [1] " in md
-    assert "- [1] regioncl/regioncl_m: optim.lr: x_y & z; train.epochs: 3, not 200 (CPU)" in md
+    # rows sort densecl < regioncl: one footnote per distinct deviation list, shared by rows
+    assert "| densecl/default [1] " in md and "- [1] densecl/default: train.epochs: 2\n" in md
+    assert "| regioncl/regioncl_m [2] " in md and "| regioncl/regioncl_m+random_init [2] " in md
+    assert (
+        "- [2] regioncl/regioncl_m, regioncl/regioncl_m+random_init: "
+        "optim.lr: x_y & z; train.epochs: 3, not 200 (CPU)\n" in md
+    )
+    assert "[3]" not in md
 
 
 def test_leaderboard_is_byte_identical_and_order_independent(tmp_path: Path) -> None:
@@ -213,7 +224,7 @@ def test_leaderboard_other_formats() -> None:
         "2",
     )
     latex = leaderboard(_records(), "latex")
-    assert r"regioncl/regioncl\_m [1]" in latex and r"x\_y \& z" in latex and r"\toprule" in latex
+    assert r"regioncl/regioncl\_m [2]" in latex and r"x\_y \& z" in latex and r"\toprule" in latex
     html = leaderboard(_records(), "html")
     assert "<td>61.00 ± 1.41" in html and "x_y &amp; z" in html
     with pytest.raises(CropbenchError, match="'xlsx' is not one of md, csv, latex, html"):
