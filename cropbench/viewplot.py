@@ -104,9 +104,10 @@ def draw_views(images: Tensor, views: list[View], names: list[str], out_png: Pat
         ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
         ax.set_title(f"canvas {i}", fontsize=8)
         for k, v in enumerate(views):
-            _box(ax, v.prov.boxes[i], COLOURS[k % len(COLOURS)], label=names[k])
-            if "region_canvas_box" in v.prov.extra:
+            if "region_canvas_box" in v.prov.extra:  # a composite: cut like view 1, draw its region
                 _box(ax, v.prov.extra["region_canvas_box"][i], "white", "--", "swapped region")
+            else:
+                _box(ax, v.prov.boxes[i], COLOURS[k % len(COLOURS)], label=names[k])
         for k, v in enumerate(views):
             _draw_view(axes[i, k + 1], v, i, names[k], COLOURS[k % len(COLOURS)])
     axes[0, 0].legend(fontsize=6, loc="lower left", framealpha=0.6)
