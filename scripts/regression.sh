@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 work="${1:?usage: scripts/regression.sh WORKDIR [--update]}"
 update="${2:-}"
 export CROPBENCH_DATA="${CROPBENCH_DATA:-$work/data}"
+# Pin intra-op threads: the reduction order (and so the float result of a run) depends on it.
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$work"
 grep -v '^\s*#' results/golden/jobs.txt | while read -r entry variant evals flag; do
   [ -n "$entry" ] || continue
