@@ -7,6 +7,10 @@ maps with a known shift (``cropbench.methods.houghcl.synthetic_shift_pairs``) th
 share of query cells matched to their true key cell, for a grid of clutter and outlier rates,
 and writes the same numbers as a figure.
 
+The pairs differ by a pure shift, the case a translation-only Hough space models exactly; real
+RandomResizedCrop pairs also differ in scale (the training log's ``match_acc`` measures matchers
+on those, against the geometric truth from the views' provenance).
+
     python scripts/hough_vs_wta.py [--pairs 256] [--out hough_vs_wta.png]
 """
 
