@@ -9,7 +9,10 @@
                over groups of G images, K ~ U[k_lo, k_hi]; saved as <run_dir>/masks/round_RRR.pt
 
 Masks are stored at the resolution they were clustered at (a grid that divides the canvas) and
-nearest-upsampled per sample, which is what the official code does once on disk.
+nearest-upsampled per sample, which is what the official code does once on disk. Bad input: a mask
+file that does not match its images is a ``DatasetError`` naming the file; a view whose cells are
+all "no segment" (-1) gets zero weight in the loss (DetCon's rule for rois without a positive),
+and a batch in which no view has a segment is a ``TrainingError``.
 """
 
 from __future__ import annotations

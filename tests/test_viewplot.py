@@ -54,7 +54,9 @@ def test_render_regioncl_views_draws_the_composite_and_reports_region_statistics
     assert 0 <= stats["iou_mean"] <= 1
 
 
-@pytest.mark.parametrize(("entry", "variant"), [("cyborgs", "default"), ("houghcl", "default")])
+@pytest.mark.parametrize(
+    ("entry", "variant"), [("cyborgs", "default"), ("houghcl", "default"), ("mocov2", "default")]
+)
 def test_render_views_of_other_entries(entry, variant, tmp_path, data_root):
     out = tmp_path / f"{entry}.png"
     stats = render_views(entry, variant, out, n_images=2, data_root=data_root)
