@@ -158,8 +158,9 @@ def render_views(
 
     entry = load_entry(entry_name)
     recipe = entry.recipe(variant, "micro")
+    data = recipe.data  # cache=False: decode only the n_images shown, not the whole split
     dataset = build_dataset(
-        recipe.data.dataset, recipe.data.train_split, data_root, image_size=recipe.data.image_size
+        data.dataset, data.train_split, data_root, image_size=data.image_size, cache=False
     )
     if n_images < 1 or n_images > len(dataset):
         raise ValueError(f"--n-images must be between 1 and {len(dataset)}, got {n_images}")
