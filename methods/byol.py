@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import Tensor, nn
+
 from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
 from cropbench.methods.heads import byol_mlp
 from cropbench.methods.losses import normalized_mse, symmetric
 from cropbench.methods.momentum import cosine_momentum, ema_update, momentum_copy
 from cropbench.methods.views import ViewConfig, make_view
-from torch import Tensor, nn
-
 from cropbench.registry import METHODS
 
 

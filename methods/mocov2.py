@@ -1,6 +1,12 @@
 """MoCo v2 (Chen, Fan, Girshick, He 2020, arXiv 2003.04297): momentum key encoder, a queue of
 negative keys, InfoNCE at τ = 0.2, MLP head and blur augmentation.
 
+Shuffle-BN: on several processes the key batch is shuffled across processes before the key
+encoder and un-shuffled after (``momentum.batch_shuffle``), as MoCo does; this matters where BN is
+per process (the trainer's CPU/gloo runs). On one process it is a no-op, as in MoCo single-GPU
+training (BN statistics do not depend on the order within a batch). Under the trainer's SyncBN
+(CUDA, several processes) BN statistics are global and the shuffle only costs one all-gather.
+
 The parts are separate so DenseCL / RegionCL / HoughCL subclasses reuse them:
 ``encode_query`` / ``encode_key`` (shuffle-BN across processes), ``instance_loss`` against the
 queue, ``enqueue``, and ``momentum_pairs`` (extend it to momentum-update extra heads).
@@ -11,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
 from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
 from cropbench.methods.heads import mocov2_projector
 from cropbench.methods.losses import info_nce
@@ -22,9 +31,6 @@ from cropbench.methods.momentum import (
     momentum_copy,
 )
 from cropbench.methods.views import ViewConfig, make_view
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from cropbench.registry import METHODS
 
 

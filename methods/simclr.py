@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
 from cropbench.methods.heads import simclr_projector
 from cropbench.methods.losses import nt_xent
 from cropbench.methods.views import ViewConfig, make_view
-from torch import nn
-
 from cropbench.registry import METHODS
 
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
 from cropbench.methods.heads import simsiam_predictor, simsiam_projector
 from cropbench.methods.losses import negative_cosine, symmetric
 from cropbench.methods.views import ViewConfig, make_view
-from torch import Tensor, nn
-
 from cropbench.registry import METHODS
 
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from cropbench.methods.base import View, ViewProvenance
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError
+from cropbench.methods.base import View, ViewProvenance
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cropbench.methods.losses import info_nce, nt_xent
-from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle
 
 from cropbench.dist import DistContext
+from cropbench.methods.losses import info_nce, nt_xent
+from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle
 
 WORLD, N, D, K, TAU = 2, 4, 6, 11, 0.2  # processes, local batch, dim, queue size, temperature
 

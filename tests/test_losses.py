@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
+from cropbench.dist import DistContext
 from cropbench.methods.heads import Block, MLPHead, mlp, simsiam_projector
 from cropbench.methods.losses import info_nce, negative_cosine, normalized_mse, nt_xent, symmetric
 from cropbench.methods.momentum import (
@@ -16,9 +19,6 @@ from cropbench.methods.momentum import (
     ema_update,
     momentum_copy,
 )
-from torch import nn
-
-from cropbench.dist import DistContext
 
 ONE = DistContext()
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from cropbench.methods import views as V
-from cropbench.methods.base import ViewProvenance
 from torch.nn import functional as F
 from torchvision.ops import box_iou as tv_box_iou
 
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError
+from cropbench.methods import views as V
+from cropbench.methods.base import ViewProvenance
 
 
 def _images(n: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:
