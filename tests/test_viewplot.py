@@ -69,3 +69,10 @@ def test_render_views_of_other_entries(entry, variant, tmp_path, data_root):
 def test_render_views_rejects_a_bad_image_count(tmp_path, data_root):
     with pytest.raises(ValueError, match="--n-images must be between 1 and"):
         render_views("regioncl", "m", tmp_path / "x.png", n_images=0, data_root=data_root)
+
+
+def test_render_views_dispatches_video_entries_to_the_view_strip(tmp_path, data_root):
+    out = tmp_path / "video.png"
+    stats = render_views("vsimclr", "default", out, n_images=1, data_root=data_root)
+    _png_ok(out)
+    assert 0 <= stats["iou"] <= 1
