@@ -88,8 +88,9 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg: Opt
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    """A group's optional ``lr_scale`` multiplies its lr (BraVe: predictor x10)."""
     for g in optimizer.param_groups:
-        g["lr"] = base_lr if g.get("fixed_lr") else lr
+        g["lr"] = (base_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
 
 
 def named_params(module: nn.Module) -> dict[Tensor, str]:

@@ -1,17 +1,20 @@
 """Embedded synthetic action videos: the *motion* of one object is the class, its look is nuisance.
 
-Each video shows an elongated, textured object (shape, colours, texture, size, start pose drawn
-at random) over a textured background with static distractor blobs. Its class is how it moves:
-``ACTIONS`` lists ten motion families. They are chosen to survive the augmentations video SSL
-uses: a horizontal flip turns "slide left" into "slide right" and a clockwise spin into an
-anticlockwise one, so those directions are drawn at random *within* a class, while up/down and
-grow/shrink (which no augmentation swaps; time is never reversed) are separate classes. A single
-frame says little about the class (grow and shrink, rise and fall look alike frame by frame), so a
-clip-level representation has something to learn.
+Each video shows an elongated, textured object over a textured background with static blobs.
+Its class is how it moves: ``ACTIONS`` lists ten motion families, chosen to survive the
+augmentations video SSL uses: a horizontal flip turns "slide left" into "slide right" and a
+clockwise spin into an anticlockwise one, so those directions are drawn at random *within* a
+class, while up/down and grow/shrink (no augmentation swaps them; time is never reversed) are
+separate classes. The look (object shape, colours, texture, size; background) belongs to a
+*group* (UCF101's "same actor and scene") and is shared by the group's clips of every class, so
+appearance alone says nothing about the class, and clips of one look differ only in how (and
+where, how fast, in which phase) the object moves: instance discrimination across a batch has
+to use motion, and a single frame says little (grow vs shrink, rise vs fall). Per clip: start
+pose, speed, phase, direction, length, camera pan, pixel noise.
 
 The videos are encoded with PyAV (MPEG-4 Part 2 in AVI, like UCF101/HMDB51's XviD files) and laid
-out exactly like the official datasets (``video.py`` documents the layouts), so the real loaders
-are what runs. Everything is a pure function of ``(seed, dataset, group, clip)``.
+out exactly like the official datasets (``video_lists.py`` documents the layouts), so the real
+loaders are what runs. Everything is a pure function of ``(seed, dataset, class, group, clip)``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ VIDEO_GENERATOR_VERSION = 1  # bump when rendering changes: golden records depen
 @dataclass(frozen=True)
 class SynthVideoConfig:
     size: int = 48  # frame side in pixels (even, for yuv420p); micro uses a 40-px canvas
-    frames: tuple[int, int] = (40, 64)  # length range; BraVe's micro broad view loops the shortest
+    frames: tuple[int, int] = (48, 72)  # length range: BraVe's micro broad window (49) fits
     fps: int = 25  # UCF101 is 25 fps; BraVe's sampling assumes 25 fps
     pan: float = 0.0  # max background pan in px/frame (camera-motion nuisance; HMDB-like set)
     noise: float = 5.0  # per-frame Gaussian pixel noise (std, 0-255 scale)
@@ -52,6 +55,7 @@ class Look:
     period: float  # texture period in object units
     radius: float  # base radius as a fraction of the frame side
     aspect: float  # elongation (>1 makes rotation visible)
+    scene: int  # seed of the background (gradient, texture, blobs): the same for the whole group
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -62,17 +66,10 @@ def draw_look(rng: np.random.Generator) -> Look:
     fg, fg2 = _colour(rng), _colour(rng)
     if np.abs(fg - fg2).sum() < 150:  # keep the texture (and so rotation) visible
         fg2 = 255.0 - fg
-    return Look(
-        fg,
-        fg2,
-        _colour(rng),
-        _colour(rng),
-        int(rng.integers(0, 3)),
-        int(rng.integers(0, 3)),
-        float(rng.uniform(0.5, 0.9)),
-        float(rng.uniform(0.11, 0.15)),
-        float(rng.uniform(1.6, 2.2)),
-    )
+    shape, texture = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+    period, radius, aspect = rng.uniform(0.5, 0.9), rng.uniform(0.15, 0.19), rng.uniform(1.6, 2.2)
+    scene = int(rng.integers(0, 2**31))
+    return Look(fg, fg2, _colour(rng), _colour(rng), shape, texture, period, radius, aspect, scene)
 
 
 def motion(
@@ -88,7 +85,7 @@ def motion(
     cy = np.full(n, rng.uniform(0.3, 0.7) * size, np.float32)
     scale, angle = np.ones(n, np.float32), np.full(n, rng.uniform(0, np.pi), np.float32)
     visible = np.ones(n, bool)
-    speed, phase = rng.uniform(0.7, 1.2), rng.uniform(0, 2 * np.pi)
+    speed, phase = rng.uniform(1.0, 1.6), rng.uniform(0, 2 * np.pi)
     span = size * (1 + 4 * radius)  # wrap period so the object fully leaves before re-entering
     name = ACTIONS[action]
     if name == "slide":
@@ -96,8 +93,8 @@ def motion(
     elif name in ("rise", "fall"):
         cy = (cy + (-1 if name == "rise" else 1) * speed * t) % span - 2 * radius * size
     elif name in ("grow", "shrink"):
-        ramp = np.log(4.0) * t / max(n - 1, 1)
-        scale = 0.45 * np.exp(ramp if name == "grow" else ramp[::-1].copy())
+        cycle = ((t / rng.uniform(24, 32) + rng.uniform(0, 1)) % 1.0).astype(np.float32)  # sawtooth
+        scale = 0.5 * np.exp(np.log(3.0) * (cycle if name == "grow" else 1 - cycle))
     elif name == "spin":
         angle = angle + sign * rng.uniform(0.15, 0.25) * t
     elif name == "bounce":
@@ -106,7 +103,7 @@ def motion(
             np.sin(np.pi * t / rng.uniform(12, 20) + phase)
         )
     elif name == "shake":
-        cx = cx + rng.uniform(0.07, 0.1) * size * np.sin(2 * np.pi * t / rng.uniform(4, 7) + phase)
+        cx = cx + rng.uniform(0.1, 0.14) * size * np.sin(2 * np.pi * t / rng.uniform(6, 10) + phase)
     elif name == "orbit":
         r, w = rng.uniform(0.2, 0.28) * size, sign * rng.uniform(0.12, 0.2)
         cx, cy = size / 2 + r * np.cos(w * t + phase), size / 2 + r * np.sin(w * t + phase)
@@ -153,24 +150,27 @@ def _object_layer(
 def _background(
     rng: np.random.Generator, look: Look, n: int, size: int, cfg: SynthVideoConfig
 ) -> np.ndarray:
-    """T×H×W×3 background: gradient + soft texture + static blobs, optionally panning."""
+    """T×H×W×3 background: the group's gradient + soft texture + static blobs; the clip's ``rng``
+    only draws the camera pan."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    pan = (rng.uniform(-cfg.pan, cfg.pan, 2) / size * np.arange(n)[:, None]).astype(
-        np.float32
-    )  # T×2
-    xs, ys = x[None] + pan[:, 0, None, None], y[None] + pan[:, 1, None, None]
-    a, b, fx, fy = (np.float32(v) for v in (*rng.uniform(-0.6, 0.6, 2), *rng.uniform(1.5, 3, 2)))
-    g = np.clip(0.5 + a * (xs - 0.5) + b * (ys - 0.5), 0, 1)
-    tex = np.sin(np.float32(2 * np.pi) * (fx * xs + fy * ys))
-    frames = (
-        look.bg0 * (1 - g[..., None]) + look.bg1 * g[..., None] + np.float32(12.5) * tex[..., None]
+    pan = rng.uniform(-cfg.pan, cfg.pan, 2) / size * np.arange(n)[:, None]  # T×2
+    xs, ys = (
+        x[None] + np.float32(pan[:, 0, None, None]),
+        y[None] + np.float32(pan[:, 1, None, None]),
     )
+    scene = np.random.default_rng(look.scene)
+    a, b, fx, fy = (
+        np.float32(v) for v in (*scene.uniform(-0.6, 0.6, 2), *scene.uniform(1.5, 3, 2))
+    )
+    g = np.clip(0.5 + a * (xs - 0.5) + b * (ys - 0.5), 0, 1)[..., None]
+    tex = np.sin(np.float32(2 * np.pi) * (fx * xs + fy * ys))[..., None]
+    frames = look.bg0 * (1 - g) + look.bg1 * g + np.float32(12.5) * tex
     for _ in range(cfg.distractors):
         cx, cy, rad = (
-            np.float32(v) for v in (*rng.uniform(0.15, 0.85, 2), rng.uniform(0.06, 0.12))
+            np.float32(v) for v in (*scene.uniform(0.15, 0.85, 2), scene.uniform(0.06, 0.12))
         )
         blob = (xs - cx) ** 2 + (ys - cy) ** 2 < rad**2
-        frames = np.where(blob[..., None], _colour(rng), frames)
+        frames = np.where(blob[..., None], _colour(scene), frames)
     return frames
 
 
@@ -194,9 +194,14 @@ def clip_rng(
     return np.random.default_rng([cfg.seed, key, action, group, clip, VIDEO_GENERATOR_VERSION])
 
 
-def group_look(cfg: SynthVideoConfig, dataset: str, action: int, group: int) -> Look:
-    """Appearance shared by every clip of one group (UCF101's 'same actor and scene')."""
-    return draw_look(clip_rng(cfg, dataset, action, group, 999))  # 999: not a clip id
+def group_look(cfg: SynthVideoConfig, dataset: str, group: int) -> Look:
+    """Appearance (object and scene) shared by every clip of one group, whatever its class:
+    UCF101's 'same actor and scene'. Appearance says nothing about the class; motion does."""
+    return draw_look(
+        np.random.default_rng(
+            [cfg.seed, {"ucf": 0, "hmdb": 1}[dataset], group, VIDEO_GENERATOR_VERSION]
+        )
+    )
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
@@ -238,7 +243,7 @@ def write_ucf101(folder: Path, cfg: SynthVideoConfig = UCF_SYNTH) -> None:
     names: dict[int, list[tuple[int, str]]] = {}
     for a, cls in enumerate(UCF_CLASSES):
         for g in range(1, cfg.groups + 1):
-            look = group_look(cfg, "ucf", a, g)
+            look = group_look(cfg, "ucf", g)
             for c in range(1, cfg.clips_per_group + 1):
                 rel = f"{cls}/v_{cls}_g{g:02d}_c{c:02d}.avi"
                 write_video(
@@ -260,9 +265,11 @@ def write_ucf101(folder: Path, cfg: SynthVideoConfig = UCF_SYNTH) -> None:
         (lists / f"testlist0{fold}.txt").write_text("".join(f"{rel}\n" for rel in rows))
 
 
-def hmdb_marks(cfg: SynthVideoConfig, fold: int, action: int) -> dict[int, int]:
-    """Group -> split mark of fold ``fold`` (1 train, 2 test, 0 unused; HMDB51's 70/30 split)."""
-    order = np.random.default_rng([cfg.seed, 7, fold, action]).permutation(cfg.groups) + 1
+def hmdb_marks(cfg: SynthVideoConfig, fold: int) -> dict[int, int]:
+    """Group -> split mark of fold ``fold`` (1 train, 2 test, 0 unused; HMDB51's 70/30 split).
+
+    The same groups are held out for every class, so no test look was seen in training."""
+    order = np.random.default_rng([cfg.seed, 7, fold]).permutation(cfg.groups) + 1
     n_test, n_unused = round(0.3 * cfg.groups), max(1, round(0.1 * cfg.groups))
     return {
         int(g): 2 if i < n_test else 0 if i < n_test + n_unused else 1 for i, g in enumerate(order)
@@ -276,7 +283,7 @@ def write_hmdb51(folder: Path, cfg: SynthVideoConfig = HMDB_SYNTH) -> None:
     for a, cls in enumerate(HMDB_CLASSES):
         files: list[tuple[int, str]] = []
         for g in range(1, cfg.groups + 1):
-            look = group_look(cfg, "hmdb", a, g)
+            look = group_look(cfg, "hmdb", g)
             for c in range(cfg.clips_per_group):
                 name = f"Synth{g:02d}_{cls}_f_cm_np1_fr_med_{c}.avi"
                 write_video(
@@ -286,7 +293,7 @@ def write_hmdb51(folder: Path, cfg: SynthVideoConfig = HMDB_SYNTH) -> None:
                 )
                 files.append((g, name))
         for fold in (1, 2, 3):
-            marks = hmdb_marks(cfg, fold, a)
+            marks = hmdb_marks(cfg, fold)
             (splits / f"{cls}_test_split{fold}.txt").write_text(
                 "".join(f"{n} {marks[g]} \n" for g, n in files)
             )

@@ -1,0 +1,137 @@
+"""BraVe (Recasens et al., ICCV 2021, arXiv 2103.16559): a narrow view (short, high resolution)
+and one or more broad views (long, low resolution, possibly another modality), each through its
+own backbone, one shared projector + predictor, and a symmetric regression loss.
+
+Following the released code (papers.md §4.2): the broad window starts where the narrow clip
+starts; a video shorter than the broad window is looped (``VideoBatch.looped``, also in the
+views' provenance); broad RGB gets a random 2-D convolution on top of the narrow view's
+augmentations; one projector (Linear-BN-ReLU-Linear-BN) and one predictor (Linear-BN-ReLU-Linear)
+serve every direction; each term is 0.5·‖h/‖h‖ − sg(z)/‖z‖‖² between the prediction h of one view
+and the stop-gradient projection z of the other (no EMA target), averaged over all directions;
+the predictor's learning rate is ×10. Optical flow is replaced by frame differences of the broad
+clip (``modality: diff``), a deviation the entry records. The evaluated encoder is the narrow one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cropbench.backbones import build_backbone
+from cropbench.errors import ConfigError
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput, VideoBatch, View
+from cropbench.methods.heads import mlp
+from cropbench.methods.losses import normalized_mse
+from cropbench.methods.video_views import VideoViewConfig, make_video_view, sample_starts
+from cropbench.methods.views import ViewConfig
+from cropbench.methods.vssl import VideoViews
+from cropbench.registry import METHODS
+
+
+def narrow_view() -> VideoViewConfig:
+    """Micro narrow view: 8 frames every 2, 32 px (BraVe: 16 frames every 2 at 224 px)."""
+    return VideoViewConfig(
+        8,
+        2,
+        ViewConfig(size=32, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5),
+    )
+
+
+def broad_view() -> VideoViewConfig:
+    """Micro broad view: 16 frames every 3, 24 px, random conv (BraVe: 64 every 4 at 112 px)."""
+    image = ViewConfig(
+        size=24, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5
+    )
+    return VideoViewConfig(16, 3, image, random_conv_p=1.0)
+
+
+@dataclass(frozen=True)
+class BroadView:
+    view: VideoViewConfig = field(default_factory=broad_view)
+    modality: Literal["rgb", "diff"] = "rgb"  # "diff": frame differences, the stand-in for flow
+    backbone: str = "r3d_micro"  # each broad view has its own backbone (BACKBONES name)
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+
+
+def regression(h: Tensor, z: Tensor) -> Tensor:
+    """BraVe's term 0.5·‖h/‖h‖ − sg(z)/‖z‖‖² (= 1 − cos), batch mean (via BYOL's 2 − 2·cos)."""
+    return 0.5 * normalized_mse(h, z)
+
+
+def frame_differences(x: Tensor) -> Tensor:
+    """B×C×(T+1)×H×W -> B×C×T×H×W: x[t+1] − x[t], a cheap motion modality."""
+    return x[:, :, 1:] - x[:, :, :-1]
+
+
+@METHODS.register("brave")
+class BraVe(VideoViews, SSLMethod):
+    @dataclass(frozen=True)
+    class Config:
+        narrow: VideoViewConfig = field(default_factory=narrow_view)
+        broad: tuple[BroadView, ...] = (BroadView(),)
+        window: int = 49  # decoded frames >= the longest broad span (+1 for frame differences)
+        hidden_dim: int = 4096  # BraVe projector / predictor width
+        out_dim: int = 128  # BraVe output dim
+        predictor_lr_scale: float = 10.0  # BraVe: the predictor's lr is x10
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+        super().__init__(cfg, backbone, ctx)
+        if not cfg.broad:
+            raise ConfigError("params.broad: BraVe needs at least one broad view")
+        self.broad_backbones = nn.ModuleList(
+            build_backbone(b.backbone, **b.backbone_args) for b in cfg.broad
+        )
+        dims = {backbone.feat_dim, *(bb.feat_dim for bb in self.broad_backbones)}
+        if len(dims) != 1:
+            raise ConfigError(
+                f"params.broad: the shared projector needs equal feature dims, got {sorted(dims)}"
+            )
+        d = backbone.feat_dim
+        self.projector = mlp([d, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn", last_norm="bn")
+        self.predictor = mlp([cfg.out_dim, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn")
+        self.view_configs = [cfg.narrow] + [self._sampled(b) for b in cfg.broad]
+        self.view_names = ["narrow"] + [f"broad {b.modality}" for b in cfg.broad]
+
+    @staticmethod
+    def _sampled(b: BroadView) -> VideoViewConfig:
+        """Frame differences need one more frame than they output."""
+        return replace(b.view, frames=b.view.frames + 1) if b.modality == "diff" else b.view
+
+    def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
+        """Narrow clip and broad clips, all starting at the same frame (BraVe's alignment)."""
+        longest = max(self.view_configs, key=lambda vc: vc.span)
+        starts = sample_starts(
+            len(batch), batch.video.shape[2], longest, generator, batch.video.device
+        )
+        views = []
+        for i, vc in enumerate(self.view_configs):
+            view = make_video_view(batch.video, vc, generator, starts, batch.looped)
+            if i > 0 and self.cfg.broad[i - 1].modality == "diff":
+                view = View(frame_differences(view.tensor), view.prov)
+            views.append(view)
+        return views
+
+    def training_step(self, batch: VideoBatch, step: int, generator: torch.Generator) -> StepOutput:
+        narrow, *broad = self.make_views(batch, generator)
+        z_n = self.projector(self.backbone(narrow.tensor))  # B×out_dim
+        p_n = self.predictor(z_n)
+        terms, logs = [], {}
+        for i, (view, net) in enumerate(zip(broad, self.broad_backbones, strict=True)):
+            z_b = self.projector(net(view.tensor))
+            p_b = self.predictor(z_b)
+            pair = [regression(p_n, z_b), regression(p_b, z_n)]  # narrow -> broad, broad -> narrow
+            logs[f"loss_broad{i}"] = (pair[0] + pair[1]).detach() / 2
+            terms += pair
+        return StepOutput(torch.stack(terms).mean(), logs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Everything on the schedule; the predictor at ``predictor_lr_scale`` times it (BraVe)."""
+        pred = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
+        return [
+            {"params": rest},
+            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.predictor_lr_scale},
+        ]
