@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.video import VideoClips, Window, clip_batches, with_window
-from cropbench.data.video_transforms import spatial_crops, test_views
+from cropbench.data.video_transforms import eval_views, spatial_crops
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.features import weights_hash
@@ -125,7 +125,7 @@ def test_video_views(ds: VideoClips, s: ActionSettings) -> Iterator[tuple[Tensor
             continue
         starts = clip_starts(frames.shape[0], s.span, s.test_clips)
         clips, looped = clip_batches(ds, i, Window(s.frames, s.stride), starts)
-        yield test_views(clips, crops, s.crop), ds.items[i].label, looped
+        yield eval_views(clips, crops, s.crop), ds.items[i].label, looped
 
 
 def train_batches(

@@ -155,46 +155,32 @@ def make_video_view(
 # ---------------------------------------------------------------- statistics between two views
 
 
+def _cube(p: ViewProvenance) -> tuple[Tensor, Tensor]:
+    """(lower corner, upper corner) of each view's cube, B×3 (x, y, t) floats."""
+    box, t = p.boxes.float(), p.extra["time"].float().to(p.boxes.device)
+    return torch.cat([box[:, :2], t[:, :1]], dim=1), torch.cat([box[:, 2:], t[:, 1:]], dim=1)
+
+
 def cube_iou(a: ViewProvenance, b: ViewProvenance) -> Tensor:
     """3-D IoU of paired view cubes (box × time interval) -> B; ParamCrop's view statistic."""
-    lo = (
-        torch.maximum(a.boxes, b.boxes)[:, :2],
-        torch.maximum(a.extra["time"][:, 0], b.extra["time"][:, 0]),
-    )
-    hi = (
-        torch.minimum(a.boxes, b.boxes)[:, 2:],
-        torch.minimum(a.extra["time"][:, 1], b.extra["time"][:, 1]),
-    )
-    inter = (hi[0] - lo[0]).clamp(min=0).prod(dim=1) * (hi[1] - lo[1]).clamp(min=0)
-
-    def volume(p: ViewProvenance) -> Tensor:
-        box, t = p.boxes, p.extra["time"]
-        return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) * (t[:, 1] - t[:, 0])
-
-    return inter / (volume(a) + volume(b) - inter)
+    (a0, a1), (b0, b1) = _cube(a), _cube(b)
+    inter = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0).prod(dim=1)
+    return inter / ((a1 - a0).prod(dim=1) + (b1 - b0).prod(dim=1) - inter)
 
 
 def cube_centre_distance(a: ViewProvenance, b: ViewProvenance) -> Tensor:
     """Distance between paired cube centres, x / W, y / H, t / window length -> B."""
     h, w = a.source_size
-    window = a.extra["window"]
-    ca = torch.stack(
+    extent = torch.stack(
         [
-            (a.boxes[:, 0] + a.boxes[:, 2]) / (2 * w),
-            (a.boxes[:, 1] + a.boxes[:, 3]) / (2 * h),
-            a.extra["time"].mean(dim=1) / window,
+            torch.full_like(a.extra["window"].float(), w),
+            torch.full_like(a.extra["window"].float(), h),
+            a.extra["window"].float(),
         ],
         dim=1,
-    )
-    cb = torch.stack(
-        [
-            (b.boxes[:, 0] + b.boxes[:, 2]) / (2 * w),
-            (b.boxes[:, 1] + b.boxes[:, 3]) / (2 * h),
-            b.extra["time"].mean(dim=1) / window,
-        ],
-        dim=1,
-    )
-    return (ca - cb).norm(dim=1)
+    ).to(a.boxes.device)
+    (a0, a1), (b0, b1) = _cube(a), _cube(b)
+    return (((a0 + a1) - (b0 + b1)) / (2 * extent)).norm(dim=1)
 
 
 # ---------------------------------------------------------------- plots (``cropbench views``)

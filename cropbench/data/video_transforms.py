@@ -36,8 +36,8 @@ def cube_theta(
     normalised coordinates; a flip negates the x slope (mirrors inside the box).
     """
     t, h, w = size
-    x0, y0, x1, y1 = boxes.float().unbind(1)
-    t0, t1 = times.float().unbind(1)
+    x0, y0, x1, y1 = (boxes if boxes.is_floating_point() else boxes.float()).unbind(1)
+    t0, t1 = (times if times.is_floating_point() else times.float()).to(x0.dtype).unbind(1)
     zero = torch.zeros_like(x0)
     sx = (x1 - x0) / w
     if flipped is not None:
@@ -91,7 +91,7 @@ def spatial_crops(size: int, crop: int, n: int) -> list[tuple[int, int, int, int
     return [(o, y, o + crop, y + crop) for o in offsets]
 
 
-def test_views(clips: Tensor, crops: list[tuple[int, int, int, int]], size: int) -> Tensor:
+def eval_views(clips: Tensor, crops: list[tuple[int, int, int, int]], size: int) -> Tensor:
     """K×3×T×S×S uint8 clips -> (K·len(crops))×3×T×size×size normalised views, clip-major."""
     k, _, t = clips.shape[:3]
     x = clips.float() / 255
