@@ -159,7 +159,7 @@ def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalDat
     protocol = {
         k: v
         for k, v in asdict(s).items()
-        if not k.startswith(("ft_", "logistic", "svm", "classifier"))
+        if not k.startswith(("ft_", "logistic", "svm", "classifier", "split", "mode"))
     }
     parts = {
         "v": 1,
