@@ -24,7 +24,7 @@ from cropbench.data.cityscapes import IGNORE_INDEX, CityscapesSemantic
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError, TrainingError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.detection import InfiniteSampler
+from cropbench.evaluations.detection import InfiniteSampler, data_parallel
 from cropbench.evaluations.segmentation import (
     FCNSegmenter,
     confusion_matrix,
@@ -63,9 +63,7 @@ class CityscapesSettings:
     power: float = 0.9  # PolyLR
     min_lr: float = 1e-4  # PolyLR eta_min
     crop_size: tuple[int, int] = (96, 96)  # (h, w); 769×769 at paper scale
-    scale: tuple[int, int] | None = (
-        None  # (long, short) resize target, (2049, 1025); None: image size
-    )
+    scale: tuple[int, int] | None = None  # (long, short) resize target (2049, 1025); None: as is
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75  # re-draw crops where one class covers more than this
     photometric: bool = True  # PhotoMetricDistortion
@@ -174,12 +172,7 @@ def train_segmenter(
         raise ConfigError(
             f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}"
         )
-    model.to(data.device).train()
-    if ctx.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[data.device] if data.device.type == "cuda" else None
-        )
+    model = data_parallel(model.to(data.device).train(), data)
     opt = torch.optim.SGD(
         model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
     )

@@ -137,9 +137,8 @@ def voc_metrics(
             )
     per_class: dict[str, list] = defaultdict(list)
     for i, label, score, box in detections:
-        vbox = np.asarray(box, float) + np.array(
-            [1.0, 1.0, 0.0, 0.0]
-        )  # detectron2: back to 1-based
+        # as detectron2's evaluator: back to VOC's 1-based xmin, ymin
+        vbox = np.asarray(box, float) + np.array([1.0, 1.0, 0.0, 0.0])
         per_class[classes[label - 1]].append((i, score, vbox))
     aps = {}
     for t in range(50, 100, 5):

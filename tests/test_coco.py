@@ -66,9 +66,8 @@ def test_synthetic_layout_is_valid_coco(coco_root):
     assert [c["name"] for c in gt.loadCats(gt.getCatIds())][:2] == ["vstripes", "hstripes"]
     for ann in gt.dataset["annotations"]:
         rle = gt.annToRLE(ann)
-        np.testing.assert_allclose(
-            mask_util.toBbox(rle), ann["bbox"]
-        )  # pycocotools' own box of the mask
+        # pycocotools' own box of the mask
+        np.testing.assert_allclose(mask_util.toBbox(rle), ann["bbox"])
         assert mask_util.area(rle) == ann["area"] and ann["iscrowd"] == 0
     for img in gt.dataset["images"]:
         with Image.open(coco_root / "coco" / "train2017" / img["file_name"]) as im:
@@ -230,9 +229,8 @@ def test_detector_shapes():
     c4 = build_detector(
         resnet_micro(), 3, replace(s, arch="c4", masks=False, anchor_sizes=(16, 32))
     )
-    assert isinstance(
-        c4.roi_heads.box_head[1], torch.nn.BatchNorm2d
-    )  # MoCo's extra norm after res5
+    # MoCo's extra norm after res5
+    assert isinstance(c4.roi_heads.box_head[1], torch.nn.BatchNorm2d)
     with pytest.raises(ConfigError, match="anchor_sizes"):
         build_detector(resnet_micro(), 3, DetectionSettings(anchor_sizes=(16, 32)))
 

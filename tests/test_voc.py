@@ -54,9 +54,8 @@ def test_class_ap_difficult_duplicates_and_misses():
     ]
     # ranked: TP, FP, (ignored), FP, TP, npos = 2: recall .5 .5 .5 .5 1, precision 1 .5 .5 1/3 .5
     assert voc_class_ap(gt, dets, 0.5, use_07_metric=False) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
-    assert voc_class_ap(gt, dets, 0.95, use_07_metric=False) == pytest.approx(
-        0.5 * 1.0
-    )  # 2nd TP now a miss
+    # at IoU 0.95 the second TP becomes a miss
+    assert voc_class_ap(gt, dets, 0.95, use_07_metric=False) == pytest.approx(0.5)
     assert voc_class_ap({0: (np.zeros((0, 4)), np.zeros(0, bool))}, dets, 0.5, True) is None
 
 

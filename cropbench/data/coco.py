@@ -70,9 +70,8 @@ class CocoInstances(Dataset):
             raise DatasetError(
                 f"image folder {self.image_dir} not found\nexpected layout:\n{COCO_LAYOUT}"
             )
-        self.cat_ids = sorted(
-            self.coco.getCatIds()
-        )  # contiguous label k <-> category id cat_ids[k-1]
+        # contiguous label k (1..K) <-> category id cat_ids[k - 1]
+        self.cat_ids = sorted(self.coco.getCatIds())
         self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self._label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
         self.masks = masks

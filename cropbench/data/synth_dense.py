@@ -150,9 +150,8 @@ def _write_voc_year(
         names = []
         for i in range(count):
             scene = dense_scene(cfg, seed_offset, "val" if split == "test" else "train", i)
-            first = (
-                500000 if split == "test" else 1
-            )  # test ids apart from trainval ids, as in VOC2007
+            # test ids apart from trainval ids, as in VOC2007
+            first = 500000 if split == "test" else 1
             name = f"{i + first:06d}" if year == "2007" else f"2012_{i + first:06d}"
             Image.fromarray(scene.image).save(base / "JPEGImages" / f"{name}.jpg", quality=95)
             (base / "Annotations" / f"{name}.xml").write_text(_voc_xml(scene, year, name))
@@ -197,9 +196,8 @@ def cityscapes_maps(
 
 def write_cityscapes(folder: Path, cfg: SynthDenseConfig = SynthDenseConfig()) -> None:
     """Cityscapes layout (as ``torchvision.datasets.Cityscapes`` reads it), gtFine only."""
-    ego_rows = (
-        cfg.image_size // 16
-    )  # the ego-vehicle band at the bottom, ignored in training and eval
+    # the ego-vehicle band at the bottom, ignored in training and evaluation
+    ego_rows = cfg.image_size // 16
     for split, count in (("train", cfg.train_images // 2), ("val", cfg.val_images // 2)):
         cities = _CITIES[split]
         for i in range(count):
