@@ -49,7 +49,10 @@ class ResNetBackbone(nn.Module):
 
 def _from_torchvision(arch: str, model: torchvision.models.ResNet, stride: int) -> ResNetBackbone:
     layers = [model.layer1, model.layer2, model.layer3, model.layer4]
-    chans = [layer[-1].conv2.out_channels if isinstance(layer[-1], BasicBlock) else layer[-1].conv3.out_channels for layer in layers]
+    chans = [
+        layer[-1].conv2.out_channels if isinstance(layer[-1], BasicBlock) else layer[-1].conv3.out_channels
+        for layer in layers
+    ]
     return ResNetBackbone(arch, model, layers, chans, stride)
 
 
@@ -74,11 +77,14 @@ class _CifarStem(nn.Module):
         self.maxpool = nn.Identity()
 
 
-def _make_layer(block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def _make_layer(
+    block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * block.expansion)
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion),
         )
     mods = [block(inplanes, planes, stride, downsample)]
     mods += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
@@ -86,7 +92,11 @@ def _make_layer(block: type[BasicBlock | Bottleneck], inplanes: int, planes: int
 
 
 @BACKBONES.register("resnet_micro")
-def resnet_micro(widths: tuple[int, ...] | list[int] = (16, 32, 64, 128), depths: tuple[int, ...] | list[int] = (1, 1, 1, 1), **_: Any) -> ResNetBackbone:
+def resnet_micro(
+    widths: tuple[int, ...] | list[int] = (16, 32, 64, 128),
+    depths: tuple[int, ...] | list[int] = (1, 1, 1, 1),
+    **_: Any,
+) -> ResNetBackbone:
     """A narrow ResNet with a CIFAR stem (3x3 conv, no max-pool), sized for 32-px views on a CPU.
 
     Same module names and BasicBlocks as torchvision's ResNet-18 (which is widths 64..512, depths 2,2,2,2),

@@ -59,7 +59,8 @@ def list_cmd(kind: str) -> None:
 def show(entry: str) -> None:
     """Paper, variants, recipe per scale, references and claims of ENTRY."""
     e = load_entry(entry)
-    click.echo(f"{e.name}: {e.paper.title}\n  arXiv {e.paper.arxiv}  {e.paper.venue}  code: {e.paper.code or '(none released)'}")
+    code = e.paper.code or "(none released)"
+    click.echo(f"{e.name}: {e.paper.title}\n  arXiv {e.paper.arxiv}  {e.paper.venue}  code: {code}")
     click.echo(f"  {e.description}\n  modality: {e.modality}; evaluations: {', '.join(e.evaluations)}")
     for v, var in e.variants.items():
         click.echo(f"\nvariant {v}: {var.description}")
@@ -71,32 +72,75 @@ def show(entry: str) -> None:
     if e.references:
         click.echo("\nreferences:")
         for ref in e.references:
-            click.echo(f"  {ref.variant}/{ref.scale}/{ref.eval}/{ref.metric} = {ref.value} ±{ref.tolerance}  ({ref.source}){' ' + ref.note if ref.note else ''}")
+            note = f" {ref.note}" if ref.note else ""
+            key = f"{ref.variant}/{ref.scale}/{ref.eval}/{ref.metric}"
+            click.echo(f"  {key} = {ref.value} ±{ref.tolerance}  ({ref.source}){note}")
     if e.claims:
         click.echo("\nclaims:")
         for c in e.claims:
-            click.echo(f"  {c.text}  [{c.variant} vs {c.baseline} on {c.eval}/{c.metric} by >= {c.min_delta}, {c.scale}]")
+            click.echo(
+                f"  {c.text}  [{c.variant} vs {c.baseline} on {c.eval}/{c.metric} by >= {c.min_delta}, {c.scale}]"
+            )
 
 
 @cli.command()
 @click.argument("entry")
 @click.option("--variant", default=None, help="Variant name (default: the entry's first).")
-@click.option("--eval", "evals", multiple=True, help="Evaluation(s) to run (repeatable; default: all the entry supports).")
+@click.option(
+    "--eval", "evals", multiple=True, help="Evaluation(s) to run (repeatable; default: all the entry supports)."
+)
 @click.option("--scale", type=click.Choice(SCALES), default="micro", show_default=True)
 @click.option("--seed", "seeds", multiple=True, type=int, help="Seed(s) (repeatable; default 0).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset root (default $CROPBENCH_DATA; micro generates embedded data).")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset root (default $CROPBENCH_DATA; micro generates embedded data).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Data-parallel processes (torch.distributed; gloo on CPU, NCCL on GPU).")
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Data-parallel processes (torch.distributed; gloo on CPU, NCCL on GPU).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this run.")
-@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True, help="Records root.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Checkpoints, logs and feature caches.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. --set train.epochs=2 (repeatable).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True, help="Records root."
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Checkpoints, logs and feature caches.",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. --set train.epochs=2 (repeatable)."
+)
 @click.option("--split", default=None, help="Video evaluations: split 1|2|3|all (sets eval.<name>.split).")
-@click.option("--random-init/--no-random-init", default=False, help="Also evaluate the same encoder at its random initialisation.")
+@click.option(
+    "--random-init/--no-random-init", default=False, help="Also evaluate the same encoder at its random initialisation."
+)
 @click.option("--quiet", is_flag=True)
-def run(entry: str, variant: str | None, evals: tuple[str, ...], scale: str, seeds: tuple[int, ...], data_root: Path | None,
-        device: str, nproc: int, resume: bool, out: Path, work_dir: Path, sets: tuple[str, ...], split: str | None,
-        random_init: bool, quiet: bool) -> None:
+def run(
+    entry: str,
+    variant: str | None,
+    evals: tuple[str, ...],
+    scale: str,
+    seeds: tuple[int, ...],
+    data_root: Path | None,
+    device: str,
+    nproc: int,
+    resume: bool,
+    out: Path,
+    work_dir: Path,
+    sets: tuple[str, ...],
+    split: str | None,
+    random_init: bool,
+    quiet: bool,
+) -> None:
     """Pretrain ENTRY, evaluate it, write records and print a result table."""
     from cropbench.runner import RunSpec
     from cropbench.runner import run as run_entry
@@ -107,20 +151,37 @@ def run(entry: str, variant: str | None, evals: tuple[str, ...], scale: str, see
     if split is not None:
         for name in evals or e.evaluations:
             overrides.setdefault("eval", {}).setdefault(name, {})["split"] = split
-    spec = RunSpec(entry, variant or e.variant_names()[0], scale, tuple(evals), tuple(seeds) or (0,), data_root, device,
-                   nproc, resume, out, work_dir, overrides, random_init, quiet)
+    spec = RunSpec(
+        entry,
+        variant or e.variant_names()[0],
+        scale,
+        tuple(evals),
+        tuple(seeds) or (0,),
+        data_root,
+        device,
+        nproc,
+        resume,
+        out,
+        work_dir,
+        overrides,
+        random_init,
+        quiet,
+    )
     records = run_entry(spec)
     click.echo(run_table(records))
 
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html"]), default="md", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to FILE (atomically) instead of stdout.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Write to FILE (atomically) instead of stdout."
+)
 @click.option("--records", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True)
 def leaderboard(fmt: str, out: Path | None, records: Path) -> None:
     """Comparison tables regenerated from records only (byte-identical when run twice)."""
     from cropbench.records import load_records
-    from cropbench.tables import leaderboard as make, write_leaderboard
+    from cropbench.tables import leaderboard as make
+    from cropbench.tables import write_leaderboard
 
     recs = load_records(records)
     if out is None:
@@ -150,7 +211,12 @@ def data() -> None:
 
 
 @data.command()
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Data root (default $CROPBENCH_DATA or ~/.cache/cropbench/data).")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Data root (default $CROPBENCH_DATA or ~/.cache/cropbench/data).",
+)
 @click.option("--only", multiple=True, help="Only these synthetic datasets (repeatable).")
 def synth(root: Path | None, only: tuple[str, ...]) -> None:
     """Materialise the embedded synthetic datasets in their real on-disk layouts."""
@@ -159,7 +225,9 @@ def synth(root: Path | None, only: tuple[str, ...]) -> None:
     names = [n for n in DATASETS.names() if DATASETS.get(n).synthetic]
     for name in only:
         if name not in names:
-            raise click.BadParameter(f"{name!r} is not a synthetic dataset; choose from {', '.join(names)}", param_hint="--only")
+            raise click.BadParameter(
+                f"{name!r} is not a synthetic dataset; choose from {', '.join(names)}", param_hint="--only"
+            )
     for name in only or names:
         click.echo(f"{name:<20} {dataset_folder(name, root)}")
 

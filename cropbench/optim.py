@@ -18,8 +18,13 @@ class LARS(torch.optim.Optimizer):
     (biases and norm parameters when ``exclude_bias_norm``) skip both adaptation and weight decay.
     """
 
-    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars=True))
+    def __init__(
+        self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars=True),
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: ARG002 - closure unused, as in SGD without it
@@ -31,7 +36,11 @@ class LARS(torch.optim.Optimizer):
                 if group["lars"]:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
                     g = g.mul(trust)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
@@ -46,7 +55,9 @@ def _is_bias_or_norm(name: str, p: Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
 
 
-def build_optimizer(groups: list[dict[str, Any]], named: dict[Tensor, str], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict[str, Any]], named: dict[Tensor, str], cfg: OptimConfig, lr: float
+) -> torch.optim.Optimizer:
     """Build the optimizer over the method's parameter groups (each may carry ``fixed_lr``).
 
     With ``exclude_bias_norm`` every group is split so biases and norm parameters get no weight
@@ -68,7 +79,9 @@ def build_optimizer(groups: list[dict[str, Any]], named: dict[Tensor, str], cfg:
     if cfg.name == "sgd":
         return torch.optim.SGD(final, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "lars":
-        return LARS(final, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient)
+        return LARS(
+            final, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient
+        )
     return torch.optim.AdamW(final, lr=lr, weight_decay=cfg.weight_decay)
 
 

@@ -147,7 +147,13 @@ class Entry:
             raise UnknownNameError("scale", scale, list(SCALES))
         v = self.variants[variant]
         merged: dict = {}
-        for layer in (self.recipes.get("base"), self.recipes.get(scale), v.recipes.get("base"), v.recipes.get(scale), overrides):
+        for layer in (
+            self.recipes.get("base"),
+            self.recipes.get(scale),
+            v.recipes.get("base"),
+            v.recipes.get(scale),
+            overrides,
+        ):
             merged = deep_merge(merged, layer or {})
         return merged
 
@@ -169,7 +175,9 @@ def parse_entry(data: Any, path: str) -> Entry:
                 raise ConfigError(f"{path}: variants.{name}.recipes.{key}: unknown scale")
     for i, ref in enumerate(entry.references):
         if ref.variant not in entry.variants:
-            raise ConfigError(f"{path}: references[{i}].variant: {ref.variant!r} is not a variant ({', '.join(entry.variants)})")
+            raise ConfigError(
+                f"{path}: references[{i}].variant: {ref.variant!r} is not a variant ({', '.join(entry.variants)})"
+            )
     return entry
 
 

@@ -24,8 +24,10 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> T:
         module = getattr(obj, "__module__", "") or ""
         if module.split(".")[0] in ("methods", "evaluations"):
-            raise ImportError(f"{module} was imported by its folder name; import it as cropbench.{module} "
-                              "(methods/ and evaluations/ install as cropbench.methods / cropbench.evaluations)")
+            raise ImportError(
+                f"{module} was imported by its folder name; import it as cropbench.{module} "
+                "(methods/ and evaluations/ install as cropbench.methods / cropbench.evaluations)"
+            )
         if name in self._items:
             raise ValueError(f"duplicate {self.kind} name {name!r} (already {self._items[name]!r})")
         self._items[name] = obj

@@ -1,10 +1,10 @@
 """Run one benchmark entry: resolve its recipe, pretrain, evaluate, write records.
 
-    recipe  = entry.recipe(variant, scale, overrides)     # validated, frozen
-    method  = METHODS[recipe.method](Config(recipe.params), backbone, ctx)
-    result  = Trainer(method, dataset, recipe).fit()       # or torch.distributed workers (--nproc)
-    metrics = EVALUATIONS[name].evaluate(encoder, Settings(recipe.eval[name]), EvalData)
-    write_record(out, Record(entry, variant, scale, eval, seed, metrics, pretrain, provenance))
+recipe  = entry.recipe(variant, scale, overrides)     # validated, frozen
+method  = METHODS[recipe.method](Config(recipe.params), backbone, ctx)
+result  = Trainer(method, dataset, recipe).fit()       # or torch.distributed workers (--nproc)
+metrics = EVALUATIONS[name].evaluate(encoder, Settings(recipe.eval[name]), EvalData)
+write_record(out, Record(entry, variant, scale, eval, seed, metrics, pretrain, provenance))
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from cropbench.config import deep_merge, from_dict
 from cropbench.data import build_dataset, default_data_root
 from cropbench.dist import DistContext, params_checksum
 from cropbench.errors import ConfigError, CropbenchError, TrainingError
+from cropbench.evaluations.base import EvalData
+from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.recipe import Entry, Recipe, load_entry
 from cropbench.registry import EVALUATIONS, METHODS
 from cropbench.trainer import Trainer, TrainResult
-from cropbench.evaluations.base import EvalData
-from cropbench.methods.base import MethodContext, SSLMethod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM_INIT = "+random_init"
@@ -103,8 +103,17 @@ def method_context(recipe: Recipe, n_train: int, dist_ctx: DistContext) -> Metho
     return MethodContext(dist_ctx, max(1, spe), tc.epochs, tc.batch_size // dist_ctx.world_size)
 
 
-def pretrain_local(recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, dist_ctx: DistContext,
-                   resume: bool, quiet: bool, where: str, on_init: Callable[[SSLMethod], None] | None = None) -> tuple[SSLMethod, TrainResult]:
+def pretrain_local(
+    recipe: Recipe,
+    run_dir: Path,
+    data_root: Path | None,
+    device: torch.device,
+    dist_ctx: DistContext,
+    resume: bool,
+    quiet: bool,
+    where: str,
+    on_init: Callable[[SSLMethod], None] | None = None,
+) -> tuple[SSLMethod, TrainResult]:
     dataset = build_train_set(recipe, data_root)
     method = build_method(recipe, method_context(recipe, len(dataset), dist_ctx), where)
     if on_init is not None:
@@ -113,7 +122,9 @@ def pretrain_local(recipe: Recipe, run_dir: Path, data_root: Path | None, device
     return trainer.method, trainer.fit(resume=resume)
 
 
-def _ddp_worker(recipe: Recipe, run_dir: Path, data_root: Path | None, device_name: str, resume: bool, where: str) -> dict[str, float]:
+def _ddp_worker(
+    recipe: Recipe, run_dir: Path, data_root: Path | None, device_name: str, resume: bool, where: str
+) -> dict[str, float]:
     """One torch.distributed process (launched by torch's elastic launcher, i.e. torchrun)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(device_name)
@@ -122,7 +133,9 @@ def _ddp_worker(recipe: Recipe, run_dir: Path, data_root: Path | None, device_na
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        method, result = pretrain_local(recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where)
+        method, result = pretrain_local(
+            recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where
+        )
         return {**result.summary(), "params_checksum": params_checksum(method)}
     finally:
         dist.destroy_process_group()
@@ -134,20 +147,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain_distributed(recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, nproc: int,
-                         resume: bool, where: str) -> TrainResult:
+def pretrain_distributed(
+    recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, nproc: int, resume: bool, where: str
+) -> TrainResult:
     """Data-parallel pretraining on ``nproc`` processes through torchrun's launcher API."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                       rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, start_method="spawn")
+    cfg = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        start_method="spawn",
+    )
     results = elastic_launch(cfg, _ddp_worker)(recipe, run_dir, data_root, device.type, resume, where)
     sums = [results[r]["params_checksum"] for r in sorted(results)]
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise TrainingError(f"data-parallel ranks ended with different weights (parameter sums {sums})")
     s = results[0]
-    return TrainResult(s["loss_first"], s["loss_last"], int(s["epochs"]), int(s["steps"]), s["images_per_s"], s["wall_s"],
-                       run_dir / "checkpoint.pt")
+    return TrainResult(
+        s["loss_first"],
+        s["loss_last"],
+        int(s["epochs"]),
+        int(s["steps"]),
+        s["images_per_s"],
+        s["wall_s"],
+        run_dir / "checkpoint.pt",
+    )
 
 
 def load_encoder(checkpoint: Path, device: torch.device) -> torch.nn.Module:
@@ -157,7 +186,9 @@ def load_encoder(checkpoint: Path, device: torch.device) -> torch.nn.Module:
     return enc.to(device)
 
 
-def evaluate(encoder: torch.nn.Module, name: str, recipe: Recipe, modality: str, data: EvalData, where: str) -> dict[str, float]:
+def evaluate(
+    encoder: torch.nn.Module, name: str, recipe: Recipe, modality: str, data: EvalData, where: str
+) -> dict[str, float]:
     ev = EVALUATIONS.get(name)
     if ev.modality != modality:
         raise ConfigError(f"evaluation {name!r} is for {ev.modality} encoders; this entry's encoder is {modality}")
@@ -169,16 +200,42 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
 
+def _pretrain_seed(spec: RunSpec, recipe: Recipe, run_dir: Path, data_root: Path, device: torch.device, where: str):
+    """Pretrain one seed; returns (encoder, its initial state or None, TrainResult)."""
+    init_state: dict[str, Any] = {}
+    if spec.nproc > 1:
+        result = pretrain_distributed(recipe, run_dir, data_root, device, spec.nproc, spec.resume, where)
+        encoder = load_encoder(result.checkpoint, device)
+        if spec.random_init:  # the same seed builds the same initial weights
+            init_state = build_method(recipe, method_context(recipe, 10**9, DistContext()), where).encoder.state_dict()
+    else:
+
+        def keep(m: SSLMethod) -> None:
+            init_state.update(copy.deepcopy(m.encoder.state_dict()))
+
+        on_init = keep if spec.random_init else None
+        method, result = pretrain_local(
+            recipe, run_dir, data_root, device, DistContext(), spec.resume, spec.quiet, where, on_init
+        )
+        encoder = method.encoder
+    return encoder, (init_state if spec.random_init else None), result
+
+
+def _check_evals(entry: Entry, evals: tuple[str, ...]) -> None:
+    for name in evals:
+        if name not in entry.evaluations:
+            supported = ", ".join(entry.evaluations)
+            raise ConfigError(f"entry {entry.name!r} does not support evaluation {name!r}; it supports: {supported}")
+        EVALUATIONS.get(name)
+
+
 def run(spec: RunSpec) -> list[Any]:
     """Pretrain + evaluate every seed of one entry/variant; returns the records written."""
     from cropbench.records import Record, collect_provenance, write_record
 
     entry = load_entry(spec.entry)
     evals = spec.evals or entry.evaluations
-    for name in evals:
-        if name not in entry.evaluations:
-            raise ConfigError(f"entry {entry.name!r} does not support evaluation {name!r}; it supports: {', '.join(entry.evaluations)}")
-        EVALUATIONS.get(name)
+    _check_evals(entry, evals)
     device, log = resolve_device(spec.device), _log(spec.quiet)
     data_root = Path(spec.data_root) if spec.data_root else (default_data_root() if spec.scale == "micro" else None)
     if data_root is None:
@@ -188,37 +245,33 @@ def run(spec: RunSpec) -> list[Any]:
         recipe = seeded_recipe(entry, spec, seed)
         where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
         run_dir = Path(spec.work_dir) / spec.scale / entry.name / spec.variant / f"seed{seed}"
-        init_state: dict[str, Any] = {}
-        log(f"[{entry.name}/{spec.variant} seed {seed}] pretraining {recipe.method} on {recipe.data.dataset} "
-            f"({recipe.train.epochs} epochs, batch {recipe.train.batch_size}, {device}) -> {run_dir}")
+        tag = f"[{entry.name}/{spec.variant} seed {seed}]"
+        log(
+            f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({recipe.train.epochs} epochs, "
+            f"batch {recipe.train.batch_size}, {device}) -> {run_dir}"
+        )
         t0 = time.perf_counter()
-        if spec.nproc > 1:
-            result = pretrain_distributed(recipe, run_dir, data_root, device, spec.nproc, spec.resume, where)
-            encoder = load_encoder(result.checkpoint, device)
-            if spec.random_init:
-                init_state = build_method(recipe, method_context(recipe, 10**9, DistContext()), where).encoder.state_dict()
-        else:
-            keep = (lambda m: init_state.update(copy.deepcopy(m.encoder.state_dict()))) if spec.random_init else None
-            method, result = pretrain_local(recipe, run_dir, data_root, device, DistContext(), spec.resume, spec.quiet, where, keep)
-            encoder = method.encoder
-        log(f"[{entry.name}/{spec.variant} seed {seed}] pretrained in {time.perf_counter() - t0:.1f}s: "
-            f"loss {result.loss_first:.4f} -> {result.loss_last:.4f}, {result.images_per_s:.0f} img/s")
-        data = EvalData(data_root, device, Path(spec.work_dir) / "cache", seed, recipe.data.num_workers, spec.scale, DistContext(), log)
-        encoders = [(spec.variant, encoder)]
-        if spec.random_init:
+        encoder, init_state, result = _pretrain_seed(spec, recipe, run_dir, data_root, device, where)
+        log(
+            f"{tag} pretrained in {time.perf_counter() - t0:.1f}s: loss {result.loss_first:.4f} -> "
+            f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
+        )
+        cache = Path(spec.work_dir) / "cache"
+        data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, DistContext(), log)
+        encoders = [(spec.variant, encoder, result.summary())]
+        if init_state is not None:
             rand = copy.deepcopy(encoder)
             rand.load_state_dict(init_state)
-            encoders.append((spec.variant + RANDOM_INIT, rand))
+            encoders.append((spec.variant + RANDOM_INIT, rand, {}))  # a random-init encoder had no pretraining
         for name in evals:
-            for variant, enc in encoders:
+            for variant, enc, pre in encoders:
                 t1 = time.perf_counter()
-                metrics = evaluate(enc, name, recipe, entry.modality, data, where)
+                metrics = {k: float(v) for k, v in evaluate(enc, name, recipe, entry.modality, data, where).items()}
                 wall = time.perf_counter() - t1
                 prov = collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv))
-                pre = result.summary() if variant == spec.variant else {}  # a random-init encoder had no pretraining
-                rec = Record(entry.name, variant, spec.scale, name, seed, {k: float(v) for k, v in metrics.items()}, pre, wall, prov)
+                rec = Record(entry.name, variant, spec.scale, name, seed, metrics, pre, wall, prov)
                 path = write_record(Path(spec.out), rec)
-                log(f"[{entry.name}/{variant} seed {seed}] {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
-                    + f" ({wall:.1f}s) -> {path}")
+                shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+                log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
                 records.append(rec)
     return records

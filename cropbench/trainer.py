@@ -35,9 +35,9 @@ from tqdm import tqdm
 from cropbench.data.images import collate_images
 from cropbench.dist import DistContext, all_reduce_grads, all_reduce_mean
 from cropbench.errors import TrainingError
+from cropbench.methods.base import SSLMethod
 from cropbench.optim import build_optimizer, lr_at, named_params, set_lr
 from cropbench.recipe import Recipe
-from cropbench.methods.base import SSLMethod
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -54,8 +54,14 @@ class TrainResult:
     checkpoint: Path
 
     def summary(self) -> dict[str, float]:
-        return {"loss_first": self.loss_first, "loss_last": self.loss_last, "epochs": float(self.epochs),
-                "steps": float(self.steps), "images_per_s": self.images_per_s, "wall_s": self.wall_s}
+        return {
+            "loss_first": self.loss_first,
+            "loss_last": self.loss_last,
+            "epochs": float(self.epochs),
+            "steps": float(self.steps),
+            "images_per_s": self.images_per_s,
+            "wall_s": self.wall_s,
+        }
 
 
 @dataclass
@@ -92,9 +98,18 @@ def views_generator(seed: int, step: int, rank: int, device: torch.device) -> to
 
 
 class Trainer:
-    def __init__(self, method: SSLMethod, dataset: Dataset, recipe: Recipe, run_dir: Path,
-                 device: torch.device, dist_ctx: DistContext = DistContext(), quiet: bool = False):
+    def __init__(
+        self,
+        method: SSLMethod,
+        dataset: Dataset,
+        recipe: Recipe,
+        run_dir: Path,
+        device: torch.device,
+        dist_ctx: DistContext | None = None,
+        quiet: bool = False,
+    ):
         self.method, self.recipe, self.run_dir = method, recipe, Path(run_dir)
+        dist_ctx = dist_ctx or DistContext()
         self.device, self.dist, self.quiet = device, dist_ctx, quiet
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda" and dist_ctx.enabled:
@@ -108,7 +123,9 @@ class Trainer:
             raise TrainingError(f"train.batch_size={tc.batch_size} is not divisible by --nproc {dist_ctx.world_size}")
         self.local_batch = tc.batch_size // dist_ctx.world_size
         if len(self.train_dataset) < tc.batch_size:
-            raise TrainingError(f"the training set has {len(self.train_dataset)} samples, fewer than train.batch_size={tc.batch_size}")
+            raise TrainingError(
+                f"the training set has {len(self.train_dataset)} samples, fewer than train.batch_size={tc.batch_size}"
+            )
         self.steps_per_epoch = len(self.train_dataset) // tc.batch_size
         if tc.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, tc.max_steps_per_epoch)
@@ -122,14 +139,23 @@ class Trainer:
         if hasattr(self.train_dataset, "set_epoch"):
             self.train_dataset.set_epoch(epoch)
         if self.dist.enabled:
-            sampler = DistributedSampler(self.train_dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed, drop_last=True)
+            sampler = DistributedSampler(
+                self.train_dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
         else:
             sampler = RandomSampler(self.train_dataset, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
         nw = self.recipe.data.num_workers
-        return DataLoader(self.train_dataset, batch_size=self.local_batch, sampler=sampler, drop_last=True,
-                          num_workers=nw, collate_fn=getattr(self.train_dataset, "collate", collate_images),
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.local_batch,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=nw,
+            collate_fn=getattr(self.train_dataset, "collate", collate_images),
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     # ----------------------------------------------------------- checkpoint
     def checkpoint_path(self) -> Path:
@@ -140,12 +166,21 @@ class Trainer:
             return
         s = self.state
         blob = {
-            "epoch": s.epoch, "step": s.step, "loss_first": s.loss_first, "loss_last": s.loss_last,
-            "images": s.images, "train_s": s.train_s, "history": s.history,
-            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "encoder": self.method.encoder.state_dict(), "backbone": self.recipe.backbone,
-            "backbone_args": dict(self.recipe.backbone_args), "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.hash(), "finished": s.epoch >= self.recipe.train.epochs,
+            "epoch": s.epoch,
+            "step": s.step,
+            "loss_first": s.loss_first,
+            "loss_last": s.loss_last,
+            "images": s.images,
+            "train_s": s.train_s,
+            "history": s.history,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "encoder": self.method.encoder.state_dict(),
+            "backbone": self.recipe.backbone,
+            "backbone_args": dict(self.recipe.backbone_args),
+            "recipe": self.recipe.to_dict(),
+            "recipe_hash": self.recipe.hash(),
+            "finished": s.epoch >= self.recipe.train.epochs,
         }
         save_atomic(blob, self.checkpoint_path())
         write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(h, sort_keys=True) + "\n" for h in s.history))
@@ -157,18 +192,31 @@ class Trainer:
             return False
         blob = torch.load(path, map_location=self.device, weights_only=False)
         if blob.get("recipe_hash") != self.recipe.hash():
-            raise TrainingError(f"{path} was written by a different recipe (hash {blob.get('recipe_hash')} != "
-                                f"{self.recipe.hash()}); start without --resume or use another --out")
+            raise TrainingError(
+                f"{path} was written by a different recipe (hash {blob.get('recipe_hash')} != "
+                f"{self.recipe.hash()}); start without --resume or use another --out"
+            )
         self.method.load_state_dict(blob["method"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        self.state = _State(blob["epoch"], blob["step"], blob["loss_first"], blob["loss_last"], blob["images"],
-                            blob["train_s"], list(blob["history"]))
+        self.state = _State(
+            blob["epoch"],
+            blob["step"],
+            blob["loss_first"],
+            blob["loss_last"],
+            blob["images"],
+            blob["train_s"],
+            list(blob["history"]),
+        )
         return True
 
     # ----------------------------------------------------------------- loop
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         tc, s = self.recipe.train, self.state
-        set_lr(self.optimizer, lr_at(s.step, self.steps_per_epoch, tc.epochs, self.base_lr, self.recipe.optim), self.base_lr)
+        set_lr(
+            self.optimizer,
+            lr_at(s.step, self.steps_per_epoch, tc.epochs, self.base_lr, self.recipe.optim),
+            self.base_lr,
+        )
         batch = batch.to(self.device)
         gen = views_generator(tc.seed, s.step, self.dist.rank, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and tc.amp):
@@ -184,13 +232,21 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss}) at epoch {self.state.epoch + 1}, step {self.state.step}; "
-                                f"training stopped, the last good checkpoint is kept at {self.checkpoint_path()}")
+            raise TrainingError(
+                f"non-finite loss ({loss}) at epoch {self.state.epoch + 1}, step {self.state.step}; "
+                f"training stopped, the last good checkpoint is kept at {self.checkpoint_path()}"
+            )
 
     def _epoch(self, epoch: int) -> None:
         tc, s = self.recipe.train, self.state
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   disable=self.quiet or not self.dist.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            leave=False,
+            disable=self.quiet or not self.dist.is_main,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        )
         t0, n0, losses = time.perf_counter(), s.images, []
         for i, batch in enumerate(self._loader(epoch)):
             if i >= self.steps_per_epoch:
@@ -207,8 +263,16 @@ class Trainer:
             s.images += len(batch) * self.dist.world_size
             if s.step % tc.log_every == 0:
                 ips = (s.images - n0) / max(1e-9, time.perf_counter() - t0)
-                s.history.append({"epoch": epoch + 1, "step": s.step, "loss": losses[-1], "lr": self.optimizer.param_groups[0]["lr"],
-                                  "images_per_s": round(ips, 2), **{k: float(v) for k, v in logs.items()}})
+                s.history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "step": s.step,
+                        "loss": losses[-1],
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": round(ips, 2),
+                        **{k: float(v) for k, v in logs.items()},
+                    }
+                )
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
             bar.update(1)
         bar.close()
@@ -217,9 +281,15 @@ class Trainer:
         self._check_finite(s.loss_last)
         s.epoch = epoch + 1
         extra = self.method.on_epoch_end(epoch, self) or {}
-        s.history.append({"epoch": s.epoch, "step": s.step, "epoch_loss": sum(losses) / max(1, len(losses)),
-                          "images_per_s": round((s.images - n0) / max(1e-9, time.perf_counter() - t0), 2),
-                          **{k: float(v) for k, v in extra.items()}})
+        s.history.append(
+            {
+                "epoch": s.epoch,
+                "step": s.step,
+                "epoch_loss": sum(losses) / max(1, len(losses)),
+                "images_per_s": round((s.images - n0) / max(1e-9, time.perf_counter() - t0), 2),
+                **{k: float(v) for k, v in extra.items()},
+            }
+        )
 
     def fit(self, resume: bool = False) -> TrainResult:
         if resume:
@@ -231,4 +301,12 @@ class Trainer:
             self._epoch(epoch)
             self._save()
         s = self.state
-        return TrainResult(s.loss_first, s.loss_last, s.epoch, s.step, s.images / max(1e-9, s.train_s), s.train_s, self.checkpoint_path())
+        return TrainResult(
+            s.loss_first,
+            s.loss_last,
+            s.epoch,
+            s.step,
+            s.images / max(1e-9, s.train_s),
+            s.train_s,
+            self.checkpoint_path(),
+        )

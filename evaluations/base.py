@@ -48,7 +48,9 @@ class Evaluation:
     metrics: tuple[str, ...] = field(default_factory=tuple)  # metric names it reports, main first
 
 
-def register_evaluation(name: str, settings: type, modality: str = "image", metrics: tuple[str, ...] = ()) -> Callable[[EvaluateFn], EvaluateFn]:
+def register_evaluation(
+    name: str, settings: type, modality: str = "image", metrics: tuple[str, ...] = ()
+) -> Callable[[EvaluateFn], EvaluateFn]:
     """Decorator: ``@register_evaluation("knn", KnnSettings, metrics=("top1",))``."""
 
     def deco(fn: EvaluateFn) -> EvaluateFn:

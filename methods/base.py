@@ -69,8 +69,12 @@ class ViewProvenance:
     extra: dict[str, Tensor] = field(default_factory=dict)  # method-specific: region boxes, mask ids, time windows
 
     def to(self, device: torch.device) -> ViewProvenance:
-        return replace(self, boxes=self.boxes.to(device), flipped=self.flipped.to(device),
-                       extra={k: v.to(device) for k, v in self.extra.items()})
+        return replace(
+            self,
+            boxes=self.boxes.to(device),
+            flipped=self.flipped.to(device),
+            extra={k: v.to(device) for k, v in self.extra.items()},
+        )
 
 
 @dataclass

@@ -11,11 +11,20 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cropbench.cli import cli
+from cropbench.data.synth import GENERATOR_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=16",
-        "--set", "data.limit=64"]
+TINY = [
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.max_steps_per_epoch=2",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "data.limit=64",
+]
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -26,15 +35,33 @@ def invoke(*args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     out = tmp_path_factory.mktemp("cli")
-    code, text = invoke("run", "simclr", "--eval", "knn", *TINY, "--random-init", "--quiet",
-                        "--out", str(out / "records"), "--work-dir", str(out / "runs"), "--data-root", str(data_root))
+    code, text = invoke(
+        "run",
+        "simclr",
+        "--eval",
+        "knn",
+        *TINY,
+        "--random-init",
+        "--quiet",
+        "--out",
+        str(out / "records"),
+        "--work-dir",
+        str(out / "runs"),
+        "--data-root",
+        str(data_root),
+    )
     assert code == 0, text
     return out
 
 
 def test_list_reads_the_registries() -> None:
-    for kind, name in (("entries", "simclr"), ("methods", "mocov2"), ("evals", "knn"), ("datasets", "synth_images"),
-                       ("backbones", "resnet_micro")):
+    for kind, name in (
+        ("entries", "simclr"),
+        ("methods", "mocov2"),
+        ("evals", "knn"),
+        ("datasets", "synth_images"),
+        ("backbones", "resnet_micro"),
+    ):
         code, text = invoke("list", kind)
         assert code == 0 and name in text
 
@@ -42,7 +69,12 @@ def test_list_reads_the_registries() -> None:
 def test_show_prints_recipes_references_and_sources() -> None:
     code, text = invoke("show", "simclr")
     assert code == 0
-    assert "[paper] recipe" in text and "[micro] recipe" in text and "references:" in text and "google-research/simclr" in text
+    assert (
+        "[paper] recipe" in text
+        and "[micro] recipe" in text
+        and "references:" in text
+        and "google-research/simclr" in text
+    )
 
 
 def test_run_writes_records_with_provenance(run_out: Path) -> None:
@@ -109,9 +141,24 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
         Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(cls / f"{i}.png")
     bad = cls / "bad.png"
     bad.write_bytes(b"\x89PNG not really")
-    result = CliRunner().invoke(cli, ["run", "simclr", "--eval", "knn", "--set", "data.dataset=imagenet", *TINY,
-                                      "--data-root", str(tmp_path), "--work-dir", str(tmp_path / "runs"),
-                                      "--out", str(tmp_path / "rec")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "simclr",
+            "--eval",
+            "knn",
+            "--set",
+            "data.dataset=imagenet",
+            *TINY,
+            "--data-root",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "rec"),
+        ],
+    )
     assert result.exit_code == 2
     assert f"cannot decode image {bad}" in result.output
     assert not (tmp_path / "rec").exists() or not list((tmp_path / "rec").rglob("*.json"))
@@ -119,5 +166,6 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
 
 def test_data_synth_materialises_a_dataset(tmp_path: Path) -> None:
     code, text = invoke("data", "synth", "--root", str(tmp_path), "--only", "synth_images")
-    assert code == 0 and (tmp_path / "synth_images" / "train" / "checker").is_dir()
+    folder = tmp_path / f"synth_images-v{GENERATOR_VERSION}"
+    assert code == 0 and str(folder) in text and (folder / "train" / "checker").is_dir()
     assert CliRunner().invoke(cli, ["data", "synth", "--only", "imagenet"]).exit_code == 2

@@ -72,8 +72,13 @@ def test_unknown_entry_lists_entries() -> None:
 
 
 def _minimal_entry(tmp_path: Path, **over: object) -> Path:
-    data = {"name": "toy", "paper": {"title": "T", "arxiv": "0000.00000"}, "description": "d",
-            "evaluations": ["knn"], "recipes": {"base": {"method": "simclr", "backbone": "resnet_micro"}}}
+    data = {
+        "name": "toy",
+        "paper": {"title": "T", "arxiv": "0000.00000"},
+        "description": "d",
+        "evaluations": ["knn"],
+        "recipes": {"base": {"method": "simclr", "backbone": "resnet_micro"}},
+    }
     data.update(over)
     path = tmp_path / "toy" / "entry.yaml"
     path.parent.mkdir(parents=True)
@@ -101,8 +106,10 @@ def test_entry_rejects_unknown_scale_and_unknown_variant(tmp_path: Path) -> None
 def test_overrides_layer_base_scale_variant_cli(tmp_path: Path) -> None:
     path = _minimal_entry(
         tmp_path,
-        recipes={"base": {"method": "simclr", "backbone": "resnet_micro", "train": {"epochs": 5, "batch_size": 64}},
-                 "micro": {"train": {"epochs": 2}}},
+        recipes={
+            "base": {"method": "simclr", "backbone": "resnet_micro", "train": {"epochs": 5, "batch_size": 64}},
+            "micro": {"train": {"epochs": 2}},
+        },
         variants={"v": {"recipes": {"micro": {"train": {"batch_size": 32}}}}},
     )
     entry = load_entry_file(path)
@@ -128,6 +135,8 @@ def test_every_entry_validates_at_every_scale(name: str) -> None:
                 assert evaluation.modality == entry.modality
                 from_dict(evaluation.Settings, recipe.eval.get(ev, {}), where, f"eval.{ev}")
             if scale != "micro":
-                assert recipe.deviations or scale == "paper", f"{name}/{variant}/{scale}: a non-paper recipe states no deviations"
+                assert recipe.deviations or scale == "paper", (
+                    f"{name}/{variant}/{scale}: a non-paper recipe states no deviations"
+                )
     for ref in entry.references:
         assert ref.source, f"{name}: reference {ref} has no source"

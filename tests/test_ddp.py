@@ -50,12 +50,17 @@ def test_all_reduce_grads_equals_the_full_batch_gradient(tmp_path: Path) -> None
 def test_two_process_pretraining_runs_in_sync(tmp_path: Path, data_root: Path) -> None:
     """torchrun-launched gloo workers finish, write one checkpoint, and end with identical weights
     (``pretrain_distributed`` raises if the ranks' parameter checksums differ)."""
-    recipe = from_dict(Recipe, {
-        "method": "simclr", "backbone": "resnet_micro", "backbone_args": {"widths": [8, 8, 16, 16]},
-        "data": {"image_size": 32, "limit": 32},
-        "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2},
-        "params": {"views": {"size": 16}, "hidden_dim": 32, "out_dim": 16},
-    })
+    recipe = from_dict(
+        Recipe,
+        {
+            "method": "simclr",
+            "backbone": "resnet_micro",
+            "backbone_args": {"widths": [8, 8, 16, 16]},
+            "data": {"image_size": 32, "limit": 32},
+            "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2},
+            "params": {"views": {"size": 16}, "hidden_dim": 32, "out_dim": 16},
+        },
+    )
     result = pretrain_distributed(recipe, tmp_path, data_root, torch.device("cpu"), 2, False, "test")
     assert result.steps == 2 and result.epochs == 1
     assert torch.isfinite(torch.tensor(result.loss_last))

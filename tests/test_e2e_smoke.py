@@ -20,8 +20,11 @@ def test_entry_pretrains_on_embedded_data(entry: str, variant: str, tmp_path: Pa
     e = load_entry(entry)
     micro = e.recipe(variant, "micro")
     batch = min(micro.train.batch_size, 16)
-    recipe = e.recipe(variant, "micro", {"train": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": batch},
-                                         "data": {"limit": 4 * batch}})
+    recipe = e.recipe(
+        variant,
+        "micro",
+        {"train": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": batch}, "data": {"limit": 4 * batch}},
+    )
     method, result = pretrain_local(recipe, tmp_path, data_root, torch.device("cpu"), DistContext(), False, True, entry)
     assert result.steps == 2
     assert torch.isfinite(torch.tensor([result.loss_first, result.loss_last])).all()

@@ -17,7 +17,9 @@ from cropbench.runner import build_method, build_train_set, method_context
 from cropbench.trainer import CHECKPOINT, Trainer
 
 TINY = {
-    "method": "simclr", "backbone": "resnet_micro", "backbone_args": {"widths": [8, 8, 16, 16]},
+    "method": "simclr",
+    "backbone": "resnet_micro",
+    "backbone_args": {"widths": [8, 8, 16, 16]},
     "data": {"image_size": 32, "limit": 48},
     "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2, "log_every": 1},
     "optim": {"lr": 0.1, "base_batch": 16, "warmup_epochs": 0.5},
@@ -53,7 +55,11 @@ def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(tmp_path: P
 
     resumed = _trainer(tmp_path / "cut", data_root)
     res_resumed = resumed.fit(resume=True)
-    assert (res_resumed.loss_first, res_resumed.loss_last, res_resumed.steps) == (res_full.loss_first, res_full.loss_last, res_full.steps)
+    assert (res_resumed.loss_first, res_resumed.loss_last, res_resumed.steps) == (
+        res_full.loss_first,
+        res_full.loss_last,
+        res_full.steps,
+    )
     for (k, a), b in zip(full.method.state_dict().items(), resumed.method.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k} differs after resume"
     assert not list((tmp_path / "cut").glob(".*tmp*")), "a temporary checkpoint file was left behind"

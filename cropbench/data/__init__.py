@@ -28,6 +28,13 @@ class DatasetSpec:
     build: Callable[..., Any]  # build(folder: Path, split: str, **kwargs) -> torch Dataset
     synthesize: Callable[[Path], None] | None = None  # writes the embedded data into a folder
     description: str = ""
+    version: str = (
+        ""  # generator version of synthetic data: part of the folder name, so a changed generator regenerates
+    )
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.subdir}-v{self.version}" if self.version else self.subdir
 
     @property
     def synthetic(self) -> bool:
@@ -54,7 +61,7 @@ def dataset_folder(name: str, data_root: Path | None = None) -> Path:
     """
     spec: DatasetSpec = DATASETS.get(name)
     root = Path(data_root) if data_root is not None else default_data_root()
-    folder = root / spec.subdir
+    folder = root / spec.folder_name
     if spec.synthesize is None:
         if not folder.exists():
             raise DatasetError(f"dataset {name!r} not found at {folder}\nexpected layout:\n{spec.layout}")
@@ -62,8 +69,10 @@ def dataset_folder(name: str, data_root: Path | None = None) -> Path:
     if (folder / _COMPLETE).exists():
         return folder
     if folder.exists():
-        raise DatasetError(f"{folder} exists but is not a complete cropbench-generated {name!r} dataset "
-                           f"(no {_COMPLETE} marker); remove it to regenerate")
+        raise DatasetError(
+            f"{folder} exists but is not a complete cropbench-generated {name!r} dataset "
+            f"(no {_COMPLETE} marker); remove it to regenerate"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.synth import SynthImagesConfig, write_imagefolder
+from cropbench.data.synth import GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
 from cropbench.methods.base import ImageBatch
 
@@ -91,7 +91,9 @@ def collate_images(samples: list[tuple[Tensor, int, int]]) -> ImageBatch:
     return ImageBatch(torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long))
 
 
-def _build_imagefolder(folder: Path, split: str, image_size: int = 64, cache: bool = False, **_: object) -> ImageFolderCanvas:
+def _build_imagefolder(
+    folder: Path, split: str, image_size: int = 64, cache: bool = False, **_: object
+) -> ImageFolderCanvas:
     return ImageFolderCanvas(folder, split, image_size, cache)
 
 
@@ -99,19 +101,38 @@ def _build_synth(folder: Path, split: str, image_size: int = 64, cache: bool = T
     return ImageFolderCanvas(folder, split, image_size, cache)
 
 
-register_dataset(DatasetSpec(
-    "synth_images", "classification", "synth_images", IMAGEFOLDER_LAYOUT, _build_synth,
-    synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
-    description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 500 val)",
-))
-register_dataset(DatasetSpec(
-    "imagenet", "classification", "imagenet", IMAGEFOLDER_LAYOUT, _build_imagefolder,
-    description="ImageNet-1k in ImageFolder layout (train/, val/ with class folders)",
-))
-register_dataset(DatasetSpec(
-    "imagenet100", "classification", "imagenet100", IMAGEFOLDER_LAYOUT, _build_imagefolder,
-    description="ImageNet-100 (CMC subset) in ImageFolder layout",
-))
+register_dataset(
+    DatasetSpec(
+        "synth_images",
+        "classification",
+        "synth_images",
+        IMAGEFOLDER_LAYOUT,
+        _build_synth,
+        synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
+        description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 500 val)",
+        version=str(GENERATOR_VERSION),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "imagenet",
+        "classification",
+        "imagenet",
+        IMAGEFOLDER_LAYOUT,
+        _build_imagefolder,
+        description="ImageNet-1k in ImageFolder layout (train/, val/ with class folders)",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "imagenet100",
+        "classification",
+        "imagenet100",
+        IMAGEFOLDER_LAYOUT,
+        _build_imagefolder,
+        description="ImageNet-100 (CMC subset) in ImageFolder layout",
+    )
+)
 
 
 class TorchvisionCanvas(Dataset):
@@ -126,14 +147,18 @@ class TorchvisionCanvas(Dataset):
     def __init__(self, name: str, folder: Path, split: str, image_size: int):
         try:
             if name == "stl10":
-                ds = torchvision.datasets.STL10(str(folder), split="train" if split == "train" else "test", download=False)
+                ds = torchvision.datasets.STL10(
+                    str(folder), split="train" if split == "train" else "test", download=False
+                )
                 self.images, self.targets = torch.from_numpy(ds.data), [int(t) for t in ds.labels]
             else:
                 cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
                 ds = cls(str(folder), train=split == "train", download=False)
                 self.images, self.targets = torch.from_numpy(ds.data).permute(0, 3, 1, 2), list(ds.targets)
         except RuntimeError as e:
-            raise DatasetError(f"{name} not found or corrupt under {folder}: {e}\nexpected layout:\n{self.LAYOUTS[name]}") from e
+            raise DatasetError(
+                f"{name} not found or corrupt under {folder}: {e}\nexpected layout:\n{self.LAYOUTS[name]}"
+            ) from e
         self.classes = list(ds.classes)
         self.image_size = image_size
 
@@ -152,8 +177,15 @@ class TorchvisionCanvas(Dataset):
 
 
 for _name in ("cifar10", "cifar100", "stl10"):
-    register_dataset(DatasetSpec(
-        _name, "classification", _name, TorchvisionCanvas.LAYOUTS[_name],
-        (lambda n: lambda folder, split, image_size=32, **_: TorchvisionCanvas(n, folder, split, image_size))(_name),
-        description=f"{_name} in its official torchvision layout",
-    ))
+    register_dataset(
+        DatasetSpec(
+            _name,
+            "classification",
+            _name,
+            TorchvisionCanvas.LAYOUTS[_name],
+            (lambda n: lambda folder, split, image_size=32, **_: TorchvisionCanvas(n, folder, split, image_size))(
+                _name
+            ),
+            description=f"{_name} in its official torchvision layout",
+        )
+    )
