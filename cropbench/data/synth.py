@@ -114,8 +114,14 @@ def _shape_mask(rng: np.random.Generator, size: int, area_frac: float) -> tuple[
     return m, cy, cx
 
 
-def render_scene(rng: np.random.Generator, size: int, label: int, n_distractors: int = 1,
-                 main_area: tuple[float, float] = (0.3, 0.6), distractor_area: tuple[float, float] = (0.04, 0.1)) -> Scene:
+def render_scene(
+    rng: np.random.Generator,
+    size: int,
+    label: int,
+    n_distractors: int = 1,
+    main_area: tuple[float, float] = (0.3, 0.6),
+    distractor_area: tuple[float, float] = (0.04, 0.1),
+) -> Scene:
     """Render one scene whose main object has texture class ``label``."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     c0, c1 = _random_colour(rng), _random_colour(rng)
@@ -153,7 +159,7 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def write_imagefolder(folder: Path, cfg: SynthImagesConfig = SynthImagesConfig()) -> None:
     """ImageFolder layout: ``<folder>/{train,val}/<class>/<index>.png``."""
     for split, per_class in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
-        for c, name in enumerate(CLASSES):
+        for name in CLASSES:
             (folder / split / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class * len(CLASSES)):
             label = i % len(CLASSES)
