@@ -45,6 +45,7 @@ PAPER: dict[str, Any] = {
     "rpn_pre_nms_train": 12000,
     "rpn_post_nms_train": 2000,
     "rpn_pre_nms_test": 6000,
+    "detections_per_image": 100,
     "rpn_post_nms_test": 1000,
     "log_every": 20,
 }
@@ -67,9 +68,7 @@ class VocSettings(DetectionSettings):
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """Area under the PR curve: 11-point interpolated (VOC2007) or all-point (VOC2010+)."""
     if use_07_metric:
-        return float(
-            np.mean([precision[recall >= t].max(initial=0.0) for t in np.arange(0.0, 1.1, 0.1)])
-        )
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.arange(0.0, 1.1, 0.1)]))
     mrec = np.concatenate(([0.0], recall, [1.0]))
     mpre = np.concatenate(([0.0], precision, [0.0]))
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope

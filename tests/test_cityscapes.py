@@ -16,12 +16,14 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from torch import nn
 
 from cropbench.backbones import resnet18, resnet50, resnet_micro
+from cropbench.config import from_dict
 from cropbench.data.cityscapes import CityscapesSemantic, label_id_to_train_id
 from cropbench.data.synth_dense import SynthDenseConfig, write_cityscapes
 from cropbench.dist import DistContext
 from cropbench.errors import DatasetError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.cityscapes import (
+    PAPER,
     CityscapesSettings,
     _random_crop,
     _rescale_size,
@@ -95,9 +97,7 @@ def test_confusion_and_miou_by_hand():
     pred = torch.tensor([[0, 1, 1], [1, 2, 0], [2, 2, 3]])
     conf = confusion_matrix(pred, label, 5)
     keep = label != 255
-    np.testing.assert_array_equal(
-        conf.numpy(), sk_confusion_matrix(label[keep], pred[keep], labels=range(5))
-    )
+    np.testing.assert_array_equal(conf.numpy(), sk_confusion_matrix(label[keep], pred[keep], labels=range(5)))
     m = segmentation_metrics(conf)
     # IoU: 1/2, 2/3, 3/4, 0 (predicted, never true), class 4 absent everywhere -> excluded
     assert m["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 3 / 4 + 0) / 4)
@@ -131,23 +131,26 @@ def test_dilation_matches_torchvision_replace_stride_with_dilation():
     ref.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        expect = ref.layer4(
-            ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x)))))))
-        )
+        expect = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
         torch.testing.assert_close(body.forward_stages(x)[-1], expect)
     assert enc.layer4[0].conv2.stride == (2, 2)  # the encoder itself is untouched
     r18 = dilated_copy(resnet18(), 8)
     assert r18.forward_stages(torch.randn(1, 3, 64, 64))[-1].shape[-1] == 8
-    assert (
-        dilated_copy(resnet_micro(), 8).forward_stages(torch.randn(1, 3, 32, 32))[-1].shape[-1] == 4
-    )
+    assert dilated_copy(resnet_micro(), 8).forward_stages(torch.randn(1, 3, 32, 32))[-1].shape[-1] == 4
+
+
+def test_paper_settings_are_fcn_r50_d8_769():
+    s = from_dict(CityscapesSettings, PAPER, "cityscapes PAPER")
+    assert (s.crop_size, s.test_stride, s.iterations, s.batch_size) == ((769, 769), (513, 513), 40000, 8)
+    assert (s.lr, s.weight_decay, s.power, s.min_lr, s.aux_weight) == (0.01, 5e-4, 0.9, 1e-4, 0.4)
+    model = FCNSegmenter(dilated_copy(resnet50(), 8), 19, s.head_channels, s.aux_channels, s.dropout)
+    assert model.decode_head.conv_cat[0].in_channels == 2048 + 512
+    assert model.aux_head.convs[0][0].in_channels == 1024
 
 
 def test_fcn_heads_follow_mmseg_fcn_d8():
     model = FCNSegmenter(resnet_micro(), 19, 64, 32, 0.1)
-    assert (
-        len(model.decode_head.convs) == 2 and model.decode_head.conv_cat[0].in_channels == 128 + 64
-    )
+    assert len(model.decode_head.convs) == 2 and model.decode_head.conv_cat[0].in_channels == 128 + 64
     assert len(model.aux_head.convs) == 1 and model.aux_head.conv_cat is None
     assert model.aux_head.convs[0][0].in_channels == 64  # on C4
     logits, aux = model(torch.randn(2, 3, 32, 32))
@@ -177,13 +180,9 @@ def test_loader_maps_synthetic_label_ids(cs_root):
     image, label = ds[0]
     label_ids = np.asarray(Image.open(ds.labels[0]))
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
-    np.testing.assert_array_equal(
-        label.numpy(), np.vectorize(lambda i: OFFICIAL_TRAIN_IDS.get(i, 255))(label_ids)
-    )
+    np.testing.assert_array_equal(label.numpy(), np.vectorize(lambda i: OFFICIAL_TRAIN_IDS.get(i, 255))(label_ids))
     assert (label[-2:] == 255).all() and (label_ids[-2:] == 1).all()  # the ego-vehicle band
-    tv = torchvision.datasets.Cityscapes(
-        str(cs_root / "cityscapes"), "val", target_type=["semantic", "instance"]
-    )
+    tv = torchvision.datasets.Cityscapes(str(cs_root / "cityscapes"), "val", target_type=["semantic", "instance"])
     # instanceIds: labelId * 1000 + k for thing classes
     assert np.asarray(tv[0][1][1]).max() >= 24000
 
@@ -194,9 +193,7 @@ def test_bad_input(tmp_path, cs_root):
     ds = CityscapesSemantic(cs_root / "cityscapes", "val")
     good = Image.open(ds.labels[0])
     Image.new("L", (10, 10)).save(ds.labels[0])
-    with pytest.raises(
-        DatasetError, match=r"gtFine_labelIds\.png: label map is 10x10 but its image"
-    ):
+    with pytest.raises(DatasetError, match=r"gtFine_labelIds\.png: label map is 10x10 but its image"):
         ds[0]
     Image.new("RGB", good.size).save(ds.labels[0])
     with pytest.raises(DatasetError, match="single-channel"):

@@ -6,29 +6,43 @@ import contextlib
 import io
 import json
 import math
+import os
+import socket
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cropbench.backbones import resnet18, resnet_micro
+from cropbench.backbones import resnet18, resnet50, resnet_micro
+from cropbench.config import from_dict
 from cropbench.data.coco import CocoInstances
 from cropbench.data.synth_dense import SynthDenseConfig, write_coco
+from cropbench.dist import DistContext
 from cropbench.errors import ConfigError, DatasetError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.coco import (
     METRICS,
+    PAPER,
     CocoSettings,
     coco_evaluate,
     evaluate,
+    finetune_and_test,
     to_coco_results,
 )
-from cropbench.evaluations.detection import DetectionSettings, build_detector, hflip, lr_factor
+from cropbench.evaluations.detection import (
+    DetectionSettings,
+    build_detector,
+    hflip,
+    lr_factor,
+    predict,
+)
 
 TINY = SynthDenseConfig(image_size=64, train_images=6, val_images=10)
 
@@ -152,9 +166,7 @@ def test_crowd_only_image_and_noncontiguous_categories(tmp_path):
         },
     ]
     _write_handmade(tmp_path, images, anns, [{"id": 3, "name": "x"}, {"id": 7, "name": "y"}])
-    assert CocoInstances(tmp_path, "val", drop_empty=True).ids == [
-        5
-    ]  # training drops crowd-only images
+    assert CocoInstances(tmp_path, "val", drop_empty=True).ids == [5]  # training drops crowd-only images
     ds = CocoInstances(tmp_path, "val")
     assert ds.ids == [5, 9] and len(ds.target(9)["boxes"]) == 0  # crowd is never a target
     assert ds.target(5)["labels"].tolist() == [2] and ds.category_id(2) == 7
@@ -173,9 +185,7 @@ def test_bad_input_names_the_file(tmp_path):
     images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 40}]
     _write_handmade(tmp_path, images, [], [{"id": 1, "name": "x"}])
     (tmp_path / "val2017" / "a.png").unlink()
-    with pytest.raises(
-        DatasetError, match=r"a\.png: image id 1 is listed in .*instances_val2017\.json"
-    ):
+    with pytest.raises(DatasetError, match=r"a\.png: image id 1 is listed in .*instances_val2017\.json"):
         CocoInstances(tmp_path, "val")[0]
     Image.new("RGB", (30, 40)).save(tmp_path / "val2017" / "a.png")
     with pytest.raises(DatasetError, match=r"a\.png: image is 30x40 but"):
@@ -209,10 +219,7 @@ def test_detector_shapes():
         rpn_batch_per_image=16,
     )
     model = build_detector(resnet18(), 3, s)
-    assert (
-        model.backbone.body.layer1 is not None
-        and model.roi_heads.box_predictor.cls_score.out_features == 4
-    )
+    assert model.backbone.body.layer1 is not None and model.roi_heads.box_predictor.cls_score.out_features == 4
     target = {
         "boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]),
         "labels": torch.tensor([2]),
@@ -226,9 +233,7 @@ def test_detector_shapes():
         "loss_objectness",
         "loss_rpn_box_reg",
     }
-    c4 = build_detector(
-        resnet_micro(), 3, replace(s, arch="c4", masks=False, anchor_sizes=(16, 32))
-    )
+    c4 = build_detector(resnet_micro(), 3, replace(s, arch="c4", masks=False, anchor_sizes=(16, 32)))
     # MoCo's extra norm after res5
     assert isinstance(c4.roi_heads.box_head[1], torch.nn.BatchNorm2d)
     with pytest.raises(ConfigError, match="anchor_sizes"):
@@ -251,3 +256,42 @@ def test_evaluate_end_to_end_on_real_layout(coco_root):
     assert set(m) == set(METRICS)
     assert all(isinstance(v, float) and (math.isnan(v) or 0 <= v <= 100) for v in m.values())
     assert any("iter 3/3" in line for line in logs)
+
+
+def test_paper_settings_build_the_r50_fpn_1x_detector():
+    s = from_dict(CocoSettings, PAPER, "coco PAPER")
+    assert (s.iterations, s.batch_size, s.lr, s.steps) == (90000, 16, 0.02, (60000, 80000))
+    model = build_detector(resnet50(), 80, s)
+    assert model.backbone.fpn.inner_blocks[0][0].in_channels == 256  # C2 of ResNet-50
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    assert (model.transform.min_size, model.transform.max_size) == ((640, 672, 704, 736, 768, 800), 1333)
+    assert model.roi_heads.detections_per_img == 100
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    s = CocoSettings(
+        iterations=2, batch_size=2, train_min_sizes=(64,), test_min_size=64, max_size=64, detections_per_image=5
+    )
+    train = CocoInstances(f"{root}/coco", "train")
+    test = CocoInstances(f"{root}/coco", "val", masks=False)
+    data = EvalData(root=root, dist=DistContext(rank, world), log=lambda _: None)
+    m = finetune_and_test(resnet_micro(), s, data, train, test)
+    seen = predict(build_detector(resnet_micro(), 10, s), test, s, data, lambda i, _: [i])
+    torch.save((m, seen), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_finetune_gathers_all_predictions(coco_root, tmp_path):
+    """gloo DDP: each rank predicts half of val; the gathered results give both ranks the same
+    COCOeval numbers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(coco_root), str(tmp_path)), nprocs=2, join=True)
+    (m0, seen0), (m1, seen1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    np.testing.assert_array_equal(list(m0.values()), list(m1.values()))
+    assert sorted(seen0) == sorted(seen1) == list(range(TINY.val_images))

@@ -7,13 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cropbench.backbones import resnet_micro
+from cropbench.backbones import resnet50, resnet_micro
+from cropbench.config import from_dict
 from cropbench.data.synth import CLASSES
 from cropbench.data.synth_dense import SynthDenseConfig, write_voc
 from cropbench.data.voc import VOC_CLASSES, VocDetection
 from cropbench.errors import DatasetError
 from cropbench.evaluations.base import EvalData
+from cropbench.evaluations.detection import build_detector
 from cropbench.evaluations.voc import (
+    PAPER,
     VocSettings,
     finetune_and_test,
     voc_ap,
@@ -69,9 +72,7 @@ def test_loader_boxes_and_perfect_predictions_score_100(voc_root):
         for i in range(len(test))
         for box, lab in zip(test.target(i)["boxes"], test.target(i)["labels"], strict=True)
     ]
-    assert voc_metrics(test.records, dets, test.classes, True) == pytest.approx(
-        {"AP": 100, "AP50": 100, "AP75": 100}
-    )
+    assert voc_metrics(test.records, dets, test.classes, True) == pytest.approx({"AP": 100, "AP50": 100, "AP75": 100})
     shifted = [(i, lab, s, box + np.array([6.0, 0, 6.0, 0])) for i, lab, s, box in dets]
     m = voc_metrics(test.records, shifted, test.classes, True)
     assert m["AP"] < 60 and m["AP75"] < m["AP50"]
@@ -81,9 +82,7 @@ def test_loader_boxes_and_perfect_predictions_score_100(voc_root):
 def test_bad_input(tmp_path, voc_root):
     with pytest.raises(DatasetError, match=r"trainval\.txt not found"):
         VocDetection(tmp_path, "trainval")
-    with pytest.raises(
-        DatasetError, match=r"Annotations/.*\.xml: object class 'vstripes' is not one of aeroplane"
-    ):
+    with pytest.raises(DatasetError, match=r"Annotations/.*\.xml: object class 'vstripes' is not one of aeroplane"):
         VocDetection(voc_root, "test", VOC_CLASSES)  # texture names are not the 20 official classes
     base = tmp_path / "VOCdevkit" / "VOC2007"
     (base / "ImageSets" / "Main").mkdir(parents=True)
@@ -131,3 +130,12 @@ def test_finetune_end_to_end(voc_root):
     m = finetune_and_test(resnet_micro(), s, EvalData(root=voc_root, log=logs.append), train, test)
     assert set(m) == {"AP", "AP50", "AP75"} and all(0 <= v <= 100 for v in m.values())
     assert any("iter 3/3" in line for line in logs)
+
+
+def test_paper_settings_build_the_r50_c4_detector():
+    s = from_dict(VocSettings, PAPER, "voc PAPER")
+    assert (s.arch, s.masks, s.iterations, s.steps, s.warmup_iters) == ("c4", False, 24000, (18000, 22000), 100)
+    model = build_detector(resnet50(), 20, s)
+    assert model.backbone.out_channels == 1024 and model.roi_heads.box_predictor.cls_score.in_features == 2048
+    assert model.roi_heads.box_roi_pool.output_size == (14, 14)
+    assert model.transform.min_size == tuple(range(480, 801, 32))
