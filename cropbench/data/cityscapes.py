@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.synth_dense import SynthDenseConfig, write_cityscapes
+from cropbench.data.synth_dense import DENSE_VERSION, SynthDenseConfig, write_cityscapes
 from cropbench.errors import DatasetError
 
 IGNORE_INDEX = 255
@@ -59,20 +59,16 @@ class CityscapesSemantic(Dataset):
 
     def __init__(self, folder: Path, split: str):
         try:
-            ds = torchvision.datasets.Cityscapes(
-                str(folder), split=split, mode="fine", target_type="semantic"
-            )
+            ds = torchvision.datasets.Cityscapes(str(folder), split=split, mode="fine", target_type="semantic")
         except (RuntimeError, ValueError) as e:
             raise DatasetError(
-                f"Cityscapes split {split!r} not found under {folder}: {e}\n"
-                f"expected layout:\n{CITYSCAPES_LAYOUT}"
+                f"Cityscapes split {split!r} not found under {folder}: {e}\nexpected layout:\n{CITYSCAPES_LAYOUT}"
             ) from e
         self.images = [Path(p) for p in ds.images]
         self.labels = [Path(t[0]) for t in ds.targets]
         if not self.images:
             raise DatasetError(
-                f"no *_leftImg8bit.png images under {folder}/leftImg8bit/{split}\n"
-                f"expected layout:\n{CITYSCAPES_LAYOUT}"
+                f"no *_leftImg8bit.png images under {folder}/leftImg8bit/{split}\nexpected layout:\n{CITYSCAPES_LAYOUT}"
             )
         self.lut = torch.from_numpy(label_id_to_train_id().astype(np.int64))
         self.classes = TRAIN_CLASS_NAMES
@@ -85,19 +81,14 @@ class CityscapesSemantic(Dataset):
         image = _read(self.images[i], "RGB")
         label_ids = _read(self.labels[i], "L")
         if label_ids.ndim != 2:
-            raise DatasetError(
-                f"{self.labels[i]}: expected a single-channel labelIds PNG, "
-                f"got shape {label_ids.shape}"
-            )
+            raise DatasetError(f"{self.labels[i]}: expected a single-channel labelIds PNG, got shape {label_ids.shape}")
         if label_ids.shape != image.shape[:2]:
             raise DatasetError(
                 f"{self.labels[i]}: label map is {label_ids.shape[1]}x{label_ids.shape[0]} but its "
                 f"image {self.images[i].name} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
         if label_ids.max(initial=0) > 255:
-            raise DatasetError(
-                f"{self.labels[i]}: label ids above 255; is this an instanceIds PNG?"
-            )
+            raise DatasetError(f"{self.labels[i]}: label ids above 255; is this an instanceIds PNG?")
         label = self.lut[torch.from_numpy(label_ids.astype(np.int64))]
         return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous(), label
 
@@ -114,6 +105,7 @@ register_dataset(
         CITYSCAPES_LAYOUT,
         _build,
         synthesize=lambda folder: write_cityscapes(folder, SynthDenseConfig()),
+        version=DENSE_VERSION,
         description="embedded texture scenes in Cityscapes layout, 128x256, "
         "10 train classes + road (200 train / 50 val)",
     )

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.synth_dense import SynthDenseConfig, write_coco
+from cropbench.data.synth_dense import DENSE_VERSION, SynthDenseConfig, write_coco
 from cropbench.errors import DatasetError
 
 COCO_LAYOUT = """<root>/train2017/<file_name>            images listed in the train annotations
@@ -39,14 +39,10 @@ def load_coco(ann_file: Path) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO(str(ann_file))
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-        raise DatasetError(
-            f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e})"
-        ) from e
+        raise DatasetError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e})") from e
     for key in ("images", "annotations", "categories"):
         if key not in coco.dataset:
-            raise DatasetError(
-                f"{ann_file}: missing top-level key {key!r} of the COCO instances format"
-            )
+            raise DatasetError(f"{ann_file}: missing top-level key {key!r} of the COCO instances format")
     return coco
 
 
@@ -59,17 +55,13 @@ class CocoInstances(Dataset):
     ``boxes`` (N×4 float xyxy pixels), ``labels`` (N int64 in 1..K, 0 is background) and, with
     ``masks=True``, ``masks`` (N×H×W uint8). Crowd annotations are never targets."""
 
-    def __init__(
-        self, folder: Path, split: str, masks: bool = True, drop_empty: bool | None = None
-    ):
+    def __init__(self, folder: Path, split: str, masks: bool = True, drop_empty: bool | None = None):
         folder = Path(folder)
         self.ann_file = folder / "annotations" / f"instances_{split}2017.json"
         self.image_dir = folder / f"{split}2017"
         self.coco = load_coco(self.ann_file)
         if not self.image_dir.is_dir():
-            raise DatasetError(
-                f"image folder {self.image_dir} not found\nexpected layout:\n{COCO_LAYOUT}"
-            )
+            raise DatasetError(f"image folder {self.image_dir} not found\nexpected layout:\n{COCO_LAYOUT}")
         # contiguous label k (1..K) <-> category id cat_ids[k - 1]
         self.cat_ids = sorted(self.coco.getCatIds())
         self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
@@ -95,9 +87,7 @@ class CocoInstances(Dataset):
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
         if not path.is_file():
-            raise DatasetError(
-                f"{path}: image id {image_id} is listed in {self.ann_file} but the file is missing"
-            )
+            raise DatasetError(f"{path}: image id {image_id} is listed in {self.ann_file} but the file is missing")
         try:
             with Image.open(path) as img:
                 arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -123,18 +113,13 @@ class CocoInstances(Dataset):
         out = {"image_id": torch.tensor(image_id), "boxes": boxes[keep], "labels": labels[keep]}
         if self.masks:
             m = [self._mask(a) for a in anns]
-            masks = (
-                torch.from_numpy(np.stack(m)) if m else torch.zeros((0, h, w), dtype=torch.uint8)
-            )
+            masks = torch.from_numpy(np.stack(m)) if m else torch.zeros((0, h, w), dtype=torch.uint8)
             out["masks"] = masks[keep]
         return out
 
     def _mask(self, ann: dict) -> np.ndarray:
         if "segmentation" not in ann:
-            raise DatasetError(
-                f"{self.ann_file}: annotation {ann.get('id')} has no 'segmentation' "
-                "(needed for masks)"
-            )
+            raise DatasetError(f"{self.ann_file}: annotation {ann.get('id')} has no 'segmentation' (needed for masks)")
         return self.coco.annToMask(ann)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -160,8 +145,8 @@ register_dataset(
         COCO_LAYOUT,
         _build,
         synthesize=lambda folder: write_coco(folder, SynthDenseConfig()),
-        description="embedded texture scenes in COCO layout, 10 categories, 128 px "
-        "(400 train / 100 val)",
+        version=DENSE_VERSION,
+        description="embedded texture scenes in COCO layout, 10 categories, 128 px (400 train / 100 val)",
     )
 )
 register_dataset(

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from cropbench.data.synth import CLASSES, Scene, render_scene, scene_rng
+from cropbench.data.synth import CLASSES, GENERATOR_VERSION, Scene, render_scene, scene_rng
 
 # texture class -> Cityscapes labelId (person, rider, car, truck, bus, train, motorcycle, bicycle,
 # pole, traffic sign: all train classes); the scene background is road (7), the bottom band
@@ -31,13 +31,13 @@ CITYSCAPES_LABEL_IDS = (24, 25, 26, 27, 28, 31, 32, 33, 17, 20)
 CITYSCAPES_BACKGROUND_ID = 7
 CITYSCAPES_EGO_ID = 1
 _CITYSCAPES_INSTANCE_IDS = {24, 25, 26, 27, 28, 29, 30, 31, 32, 33}  # classes with hasInstances
+LAYOUT_VERSION = 1  # bump when these writers change; part of the data folder name (with the scenes')
+DENSE_VERSION = f"{GENERATOR_VERSION}.{LAYOUT_VERSION}"
 
 
 @dataclass(frozen=True)
 class SynthDenseConfig:
-    image_size: int = (
-        128  # scene side; objects span ~15-100 px, so COCO small/medium/large all occur
-    )
+    image_size: int = 128  # scene side; objects span ~15-100 px, so COCO small/medium/large all occur
     train_images: int = 400  # enough for a few hundred fine-tuning iterations without overfitting
     val_images: int = 100  # every class appears ~10 times as a main object
     distractors: tuple[int, int] = (1, 3)  # inclusive range of small objects per scene
@@ -50,9 +50,7 @@ def dense_scene(cfg: SynthDenseConfig, seed_offset: int, split: str, index: int)
     """Scene ``index`` of a split; main class cycles through the classes, distractors are random."""
     rng = scene_rng(cfg.seed + seed_offset, split, index)
     n = int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
-    return render_scene(
-        rng, cfg.image_size, index % len(CLASSES), n, cfg.main_area, cfg.distractor_area
-    )
+    return render_scene(rng, cfg.image_size, index % len(CLASSES), n, cfg.main_area, cfg.distractor_area)
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -88,9 +86,7 @@ def _coco_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
 
 def write_coco(folder: Path, cfg: SynthDenseConfig = SynthDenseConfig()) -> None:
     """COCO 2017 layout; category ids 1..10 are the texture classes."""
-    categories = [
-        {"id": c + 1, "name": n, "supercategory": "texture"} for c, n in enumerate(CLASSES)
-    ]
+    categories = [{"id": c + 1, "name": n, "supercategory": "texture"} for c, n in enumerate(CLASSES)]
     (folder / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", cfg.train_images), ("val", cfg.val_images)):
         (folder / f"{split}2017").mkdir(exist_ok=True)
@@ -114,9 +110,7 @@ def write_coco(folder: Path, cfg: SynthDenseConfig = SynthDenseConfig()) -> None
 
 # ---------------------------------------------------------------- VOC
 
-VOC_DIFFICULT_PIXELS = (
-    64  # a visible part smaller than this is marked difficult (VOC: hard to recognise)
-)
+VOC_DIFFICULT_PIXELS = 64  # a visible part smaller than this is marked difficult (VOC: hard to recognise)
 
 
 def _voc_xml(scene: Scene, year: str, name: str) -> str:
@@ -140,9 +134,7 @@ def _voc_xml(scene: Scene, year: str, name: str) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def _write_voc_year(
-    devkit: Path, year: str, seed_offset: int, splits: dict[str, int], cfg: SynthDenseConfig
-) -> None:
+def _write_voc_year(devkit: Path, year: str, seed_offset: int, splits: dict[str, int], cfg: SynthDenseConfig) -> None:
     base = devkit / f"VOC{year}"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -162,9 +154,7 @@ def _write_voc_year(
 def write_voc(folder: Path, cfg: SynthDenseConfig = SynthDenseConfig()) -> None:
     """VOC07+12 layout: VOC2007 trainval/test and VOC2012 trainval, half the train images each."""
     half = cfg.train_images // 2
-    _write_voc_year(
-        folder / "VOCdevkit", "2007", 200, {"trainval": half, "test": cfg.val_images}, cfg
-    )
+    _write_voc_year(folder / "VOCdevkit", "2007", 200, {"trainval": half, "test": cfg.val_images}, cfg)
     _write_voc_year(folder / "VOCdevkit", "2012", 201, {"trainval": cfg.train_images - half}, cfg)
 
 
@@ -173,9 +163,7 @@ def write_voc(folder: Path, cfg: SynthDenseConfig = SynthDenseConfig()) -> None:
 _CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt",)}
 
 
-def cityscapes_maps(
-    scenes: list[Scene], ego_rows: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cityscapes_maps(scenes: list[Scene], ego_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scenes side by side -> (image H×W×3 uint8, labelIds H×W uint8, instanceIds H×W uint16)."""
     image = np.concatenate([s.image for s in scenes], axis=1)
     label_ids, instance_ids = [], []

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from cropbench.data import DatasetSpec, register_dataset
 from cropbench.data.synth import CLASSES as TEXTURE_CLASSES
-from cropbench.data.synth_dense import SynthDenseConfig, write_voc
+from cropbench.data.synth_dense import DENSE_VERSION, SynthDenseConfig, write_voc
 from cropbench.errors import DatasetError
 
 VOC_CLASSES = (
@@ -61,9 +61,7 @@ VOC_SPLITS = {
 @dataclass(frozen=True)
 class VocObject:
     name: str
-    box: tuple[
-        float, float, float, float
-    ]  # xmin, ymin, xmax, ymax: VOC's 1-based inclusive pixel indices
+    box: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax: VOC's 1-based inclusive pixel indices
     difficult: bool
 
 
@@ -90,9 +88,7 @@ def parse_voc_xml(path: Path, classes: tuple[str, ...]) -> tuple[VocObject, ...]
         try:
             coords = tuple(float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError) as e:
-            raise DatasetError(
-                f"{path}: object {name!r} needs a bndbox with xmin, ymin, xmax, ymax"
-            ) from e
+            raise DatasetError(f"{path}: object {name!r} needs a bndbox with xmin, ymin, xmax, ymax") from e
         objects.append(VocObject(name, coords, (obj.findtext("difficult") or "0").strip() == "1"))
     return tuple(objects)
 
@@ -109,9 +105,7 @@ def read_voc_split(devkit: Path, split: str, classes: tuple[str, ...]) -> list[V
         for image_id in listing.read_text().split():
             xml = base / "Annotations" / f"{image_id}.xml"
             if not xml.is_file():
-                raise DatasetError(
-                    f"{xml}: image {image_id} is listed in {listing} but has no annotation"
-                )
+                raise DatasetError(f"{xml}: image {image_id} is listed in {listing} but has no annotation")
             records.append(
                 VocRecord(
                     base / "JPEGImages" / f"{image_id}.jpg",
@@ -142,9 +136,7 @@ class VocDetection(Dataset):
     def load_image(self, i: int) -> Tensor:
         path = self.records[i].image
         if not path.is_file():
-            raise DatasetError(
-                f"{path}: image {self.records[i].image_id} is listed but the file is missing"
-            )
+            raise DatasetError(f"{path}: image {self.records[i].image_id} is listed but the file is missing")
         try:
             with Image.open(path) as img:
                 arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -179,6 +171,7 @@ register_dataset(
         VOC_LAYOUT,
         _build(TEXTURE_CLASSES),
         synthesize=lambda folder: write_voc(folder, SynthDenseConfig()),
+        version=DENSE_VERSION,
         description="embedded texture scenes in VOC07+12 layout, the 10 texture classes, 128 px",
     )
 )
