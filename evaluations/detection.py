@@ -71,7 +71,7 @@ class DetectionSettings:
     rpn_post_nms_train: int = 500  # 1000 at paper scale
     rpn_pre_nms_test: int = 500  # 1000 at paper scale
     rpn_post_nms_test: int = 300  # 1000 at paper scale
-    detections_per_image: int = 50  # 100 at paper scale; micro scenes hold at most 4 objects
+    detections_per_image: int = 100  # DETECTIONS_PER_IMAGE (COCOeval counts up to 100)
     score_thresh: float = 0.05  # SCORE_THRESH_TEST
     log_every: int = 50
 
