@@ -54,8 +54,7 @@ def load_checkpoint(path: Path, trusted: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
         raise CropbenchError(
-            f"{path}: cannot be loaded with weights_only=True ({e}); if you trust "
-            "the file, load it with trusted=True"
+            f"{path}: cannot be loaded with weights_only=True ({e}); if you trust the file, load it with trusted=True"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CropbenchError(f"{path}: not a torch checkpoint ({e})") from e
@@ -88,17 +87,12 @@ def to_torchvision(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     if bad:
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
         raise CropbenchError(
-            f"{len(bad)} checkpoint keys do not map to a torchvision ResNet backbone: "
-            f"{', '.join(bad[:10])}{more}"
+            f"{len(bad)} checkpoint keys do not map to a torchvision ResNet backbone: {', '.join(bad[:10])}{more}"
         )
     missing = [k for k in ("conv1.weight", "bn1.weight") if k not in sd]
-    missing += [
-        f"layer{i}.*" for i in range(1, 5) if not any(k.startswith(f"layer{i}.") for k in sd)
-    ]
+    missing += [f"layer{i}.*" for i in range(1, 5) if not any(k.startswith(f"layer{i}.") for k in sd)]
     if missing:
-        raise CropbenchError(
-            f"checkpoint is not a complete ResNet backbone; missing {', '.join(missing)}"
-        )
+        raise CropbenchError(f"checkpoint is not a complete ResNet backbone; missing {', '.join(missing)}")
     return {k: v.detach().cpu() for k, v in sd.items()}
 
 
@@ -138,9 +132,7 @@ def save_torchvision(state_dict: dict[str, Tensor], out: Path) -> Path:
     return out
 
 
-def export_checkpoint(
-    ckpt_path: Path, fmt: Format, out_path: Path | None = None, trusted: bool = False
-) -> Path:
+def export_checkpoint(ckpt_path: Path, fmt: Format, out_path: Path | None = None, trusted: bool = False) -> Path:
     """Write ``ckpt_path``'s backbone in ``fmt``.
 
     The default output is ``<ckpt>.d2.pkl`` / ``<ckpt>.torchvision.pth`` next to the checkpoint."""

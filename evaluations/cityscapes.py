@@ -85,9 +85,7 @@ def _rescale_size(h: int, w: int, scale: tuple[int, int] | None, ratio: float) -
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
-def _resize(
-    image: Tensor, label: Tensor | None, size: tuple[int, int]
-) -> tuple[Tensor, Tensor | None]:
+def _resize(image: Tensor, label: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
     """Bilinear image (3×H×W float), nearest label (H×W)."""
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     if label is not None:
@@ -95,9 +93,7 @@ def _resize(
     return image, label
 
 
-def _random_crop(
-    image: Tensor, label: Tensor, crop: tuple[int, int], cat_max_ratio: float
-) -> tuple[Tensor, Tensor]:
+def _random_crop(image: Tensor, label: Tensor, crop: tuple[int, int], cat_max_ratio: float) -> tuple[Tensor, Tensor]:
     """mmseg ``RandomCrop``: up to 10 draws until no class covers more than ``cat_max_ratio``."""
     h, w = label.shape
     for _ in range(10):
@@ -169,13 +165,9 @@ def train_segmenter(
     auxiliary logits, both upsampled to the crop."""
     ctx = data.dist
     if s.batch_size % ctx.world_size:
-        raise ConfigError(
-            f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}"
-        )
+        raise ConfigError(f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}")
     model = data_parallel(model.to(data.device).train(), data)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
-    )
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     poly = lambda it: ((s.lr - s.min_lr) * (1 - it / s.iterations) ** s.power + s.min_lr) / s.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
     loader = DataLoader(
@@ -189,9 +181,7 @@ def train_segmenter(
         images, labels = normalize(images.to(data.device)), labels.to(data.device)
         logits, aux = model(images)
         size = labels.shape[-2:]
-        loss = F.cross_entropy(
-            resize_logits(logits, size, s.align_corners), labels, ignore_index=IGNORE_INDEX
-        )
+        loss = F.cross_entropy(resize_logits(logits, size, s.align_corners), labels, ignore_index=IGNORE_INDEX)
         loss = loss + s.aux_weight * F.cross_entropy(
             resize_logits(aux, size, s.align_corners), labels, ignore_index=IGNORE_INDEX
         )

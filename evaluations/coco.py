@@ -176,6 +176,20 @@ def finetune_and_test(
     return coco_evaluate(test.coco, results, iou_types)
 
 
+# detectron2 overrides of coco_R_50_FPN_1x_moco (mmselfsup benchmarks): SyncBN in backbone and FPN,
+# no frozen stage, torchvision-style bottlenecks and RGB input with torchvision's mean / std
+_D2_MOCO = {
+    "MODEL.RESNETS.NORM": "SyncBN",
+    "MODEL.FPN.NORM": "SyncBN",
+    "MODEL.BACKBONE.FREEZE_AT": 0,
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530],
+    "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
+    "TEST.PRECISE_BN.ENABLED": True,
+}
+
+
 def _evaluate_detectron2(encoder: nn.Module, s: CocoSettings, data: EvalData) -> dict[str, float]:
     """detectron2 ``mask_rcnn_R_50_FPN_1x`` with the MoCo overrides, on the exported backbone.
     Not exercised in this repository's tests: detectron2 is not installable from PyPI."""
@@ -189,68 +203,35 @@ def _evaluate_detectron2(encoder: nn.Module, s: CocoSettings, data: EvalData) ->
         raise CropbenchError(f"backend 'detectron2' requested but detectron2 is not importable: {e}") from e
     from cropbench.export import save_detectron2
 
-    folder, out = (
-        dataset_folder(s.dataset, data.root),
-        Path(tempfile.mkdtemp(prefix="cropbench-d2-")),
-    )
-    num_classes = len(load_coco(folder / "annotations" / f"instances_{s.train_split}2017.json").getCatIds())
+    folder, out = dataset_folder(s.dataset, data.root), Path(tempfile.mkdtemp(prefix="cropbench-d2-"))
+    names = {}
     for split in (s.train_split, s.test_split):
-        register_coco_instances(
-            f"cropbench_{split}_{out.name}",
-            {},
-            str(folder / "annotations" / f"instances_{split}2017.json"),
-            str(folder / f"{split}2017"),
-        )
+        names[split] = f"cropbench_{split}_{out.name}"
+        ann = folder / "annotations" / f"instances_{split}2017.json"
+        register_coco_instances(names[split], {}, str(ann), str(folder / f"{split}2017"))
+    run = {
+        "MODEL.WEIGHTS": str(save_detectron2(encoder.state_dict(), out / "backbone.pkl")),
+        "MODEL.ROI_HEADS.NUM_CLASSES": len(
+            load_coco(folder / "annotations" / f"instances_{s.train_split}2017.json").getCatIds()
+        ),
+        "MODEL.DEVICE": data.device.type,
+        "SOLVER.MAX_ITER": s.iterations,
+        "SOLVER.STEPS": tuple(s.steps),
+        "SOLVER.BASE_LR": s.lr,
+        "SOLVER.IMS_PER_BATCH": s.batch_size,
+        "SOLVER.WARMUP_ITERS": s.warmup_iters,
+        "INPUT.MIN_SIZE_TRAIN": tuple(s.train_min_sizes),
+        "INPUT.MIN_SIZE_TEST": s.test_min_size,
+        "DATASETS.TRAIN": (names[s.train_split],),
+        "DATASETS.TEST": (names[s.test_split],),
+        "SEED": data.seed,
+        "OUTPUT_DIR": str(out),
+    }
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
-    cfg.merge_from_list(
-        [
-            "MODEL.WEIGHTS",
-            str(save_detectron2(encoder.state_dict(), out / "backbone.pkl")),
-            "MODEL.RESNETS.NORM",
-            "SyncBN",
-            "MODEL.FPN.NORM",
-            "SyncBN",
-            "MODEL.BACKBONE.FREEZE_AT",
-            0,
-            "MODEL.RESNETS.STRIDE_IN_1X1",
-            False,
-            "INPUT.FORMAT",
-            "RGB",
-            "MODEL.PIXEL_MEAN",
-            [123.675, 116.280, 103.530],
-            "MODEL.PIXEL_STD",
-            [58.395, 57.120, 57.375],
-            "SOLVER.MAX_ITER",
-            s.iterations,
-            "SOLVER.STEPS",
-            tuple(s.steps),
-            "SOLVER.BASE_LR",
-            s.lr,
-            "SOLVER.IMS_PER_BATCH",
-            s.batch_size,
-            "SOLVER.WARMUP_ITERS",
-            s.warmup_iters,
-            "INPUT.MIN_SIZE_TRAIN",
-            tuple(s.train_min_sizes),
-            "INPUT.MIN_SIZE_TEST",
-            s.test_min_size,
-            "DATASETS.TRAIN",
-            (f"cropbench_{s.train_split}_{out.name}",),
-            "DATASETS.TEST",
-            (f"cropbench_{s.test_split}_{out.name}",),
-            "MODEL.ROI_HEADS.NUM_CLASSES",
-            num_classes,
-            "TEST.PRECISE_BN.ENABLED",
-            True,
-            "SEED",
-            data.seed,
-            "OUTPUT_DIR",
-            str(out),
-        ]
-    )
+    cfg.merge_from_list([x for kv in {**_D2_MOCO, **run}.items() for x in kv])
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    res = DefaultTrainer.test(cfg, trainer.model, COCOEvaluator(cfg.DATASETS.TEST[0], output_dir=str(out)))
+    res = DefaultTrainer.test(cfg, trainer.model, COCOEvaluator(names[s.test_split], output_dir=str(out)))
     return {f"{t}_{m}": float(res[t][m]) for t in ("bbox", "segm") for m in STAT_NAMES}

@@ -123,9 +123,7 @@ class _C4Body(nn.Module):
 
 def _c4_parts(body: nn.Module, s: DetectionSettings) -> dict:
     if s.masks:
-        raise ConfigError(
-            "arch 'c4' is implemented for Faster R-CNN only; set masks: false or arch: fpn"
-        )
+        raise ConfigError("arch 'c4' is implemented for Faster R-CNN only; set masks: false or arch: fpn")
     c5 = body.stage_channels[3]
     res5 = nn.Sequential(body.layer4, nn.BatchNorm2d(c5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return dict(
@@ -159,9 +157,7 @@ def build_detector(encoder: nn.Module, num_classes: int, s: DetectionSettings) -
     )
     if s.masks:
         model = MaskRCNN(
-            mask_predictor=MaskRCNNPredictor(
-                s.mask_head_channels, s.mask_head_channels, num_classes + 1
-            ),
+            mask_predictor=MaskRCNNPredictor(s.mask_head_channels, s.mask_head_channels, num_classes + 1),
             **kwargs,
         )
     else:
@@ -182,9 +178,7 @@ def _optimizer(model: nn.Module, s: DetectionSettings) -> torch.optim.SGD:
     norm, other = [], []
     for m in model.modules():
         params = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        (norm if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm) else other).extend(
-            params
-        )
+        (norm if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm) else other).extend(params)
     groups = [
         {"params": other, "weight_decay": s.weight_decay},
         {"params": norm, "weight_decay": 0.0},
@@ -244,15 +238,11 @@ def data_parallel(model: nn.Module, data: EvalData) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def train_detector(
-    model: GeneralizedRCNN, dataset: Dataset, s: DetectionSettings, data: EvalData
-) -> nn.Module:
+def train_detector(model: GeneralizedRCNN, dataset: Dataset, s: DetectionSettings, data: EvalData) -> nn.Module:
     """Fine-tune every layer for ``s.iterations`` steps; returns the (maybe DDP-wrapped) model."""
     ctx = data.dist
     if s.batch_size % ctx.world_size:
-        raise ConfigError(
-            f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}"
-        )
+        raise ConfigError(f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}")
     model = data_parallel(model.to(data.device).train(), data)
     opt = _optimizer(model, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, s))
@@ -267,9 +257,7 @@ def train_detector(
     running: dict[str, float] = {}
     for it, (images, targets) in zip(range(s.iterations), loader, strict=False):
         images, targets = _to_device(images, targets, s, flip_gen, data.device)
-        losses = model(
-            images, targets
-        )  # loss_classifier, loss_box_reg, [loss_mask], loss_objectness, loss_rpn_box_reg
+        losses = model(images, targets)  # loss_classifier, loss_box_reg, [loss_mask], loss_objectness, loss_rpn_box_reg
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise TrainingError(
@@ -285,9 +273,7 @@ def train_detector(
         if ctx.is_main and ((it + 1) % s.log_every == 0 or it + 1 == s.iterations):
             n = (it % s.log_every) + 1
             parts = " ".join(f"{k.removeprefix('loss_')}={v / n:.3f}" for k, v in running.items())
-            data.log(
-                f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}"
-            )
+            data.log(f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}")
             running = {}
     return model
 

@@ -22,9 +22,7 @@ def _dilate_stage(stage: nn.Sequential, dilation: int) -> None:
     for i, block in enumerate(stage):
         conv = block.conv2 if isinstance(block, Bottleneck) else block.conv1  # the 3×3 that strides
         if not isinstance(block, BasicBlock | Bottleneck):
-            raise ConfigError(
-                f"cannot dilate a {type(block).__name__}: expected ResNet Basic/Bottleneck blocks"
-            )
+            raise ConfigError(f"cannot dilate a {type(block).__name__}: expected ResNet Basic/Bottleneck blocks")
         d = dilation // 2 if i == 0 else dilation
         conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
         if i == 0 and block.downsample is not None:
@@ -71,10 +69,7 @@ class FCNHead(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
-        convs = [
-            _conv_bn_relu(in_channels if i == 0 else channels, channels, 3)
-            for i in range(num_convs)
-        ]
+        convs = [_conv_bn_relu(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)]
         self.convs = nn.Sequential(*convs)
         self.conv_cat = _conv_bn_relu(in_channels + channels, channels, 3) if concat_input else None
         self.dropout = nn.Dropout2d(dropout)
@@ -143,15 +138,11 @@ def slide_inference(
     return logits / count
 
 
-def confusion_matrix(
-    pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255
-) -> Tensor:
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """K×K int64 counts, rows = ground truth, columns = prediction; ``ignore_index`` skipped."""
     keep = label != ignore_index
     idx = label[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf: Tensor) -> dict[str, float]:
@@ -163,9 +154,7 @@ def segmentation_metrics(conf: Tensor) -> dict[str, float]:
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = inter / union
     if np.all(np.isnan(iou)):
-        raise CropbenchError(
-            "segmentation metrics: the confusion matrix is empty (every pixel ignored)"
-        )
+        raise CropbenchError("segmentation metrics: the confusion matrix is empty (every pixel ignored)")
     out = {"mIoU": float(np.nanmean(iou) * 100), "aAcc": float(inter.sum() / c.sum() * 100)}
     out.update({f"IoU.{k}": float(v * 100) for k, v in enumerate(iou)})
     return out

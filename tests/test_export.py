@@ -51,9 +51,7 @@ def _trainer_checkpoint(tmp_path, encoder, name):
     return path
 
 
-@pytest.mark.parametrize(
-    "build,name", [(resnet50, "resnet50"), (resnet18, "resnet18"), (resnet_micro, "resnet_micro")]
-)
+@pytest.mark.parametrize("build,name", [(resnet50, "resnet50"), (resnet18, "resnet18"), (resnet_micro, "resnet_micro")])
 def test_detectron2_export_matches_moco_conversion(tmp_path, build, name):
     torch.manual_seed(0)
     enc = build()
@@ -90,9 +88,7 @@ def test_torchvision_export_loads_into_torchvision_resnet(tmp_path):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    out = export_checkpoint(
-        _trainer_checkpoint(tmp_path, enc, "resnet18"), "torchvision", tmp_path / "tv.pth"
-    )
+    out = export_checkpoint(_trainer_checkpoint(tmp_path, enc, "resnet18"), "torchvision", tmp_path / "tv.pth")
     tv = torchvision.models.resnet18()
     res = tv.load_state_dict(torch.load(out), strict=False)
     assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
@@ -100,9 +96,7 @@ def test_torchvision_export_loads_into_torchvision_resnet(tmp_path):
     tv.eval()
     x = torch.randn(2, 3, 64, 64)
     feats = torch.flatten(
-        tv.avgpool(
-            tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
-        ),
+        tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))),
         1,
     )
     torch.testing.assert_close(enc(x), feats)
@@ -112,13 +106,7 @@ def test_moco_style_checkpoint(tmp_path):
     enc = resnet18()
     sd = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
     sd["module.encoder_q.fc.0.weight"] = torch.zeros(4, 512)  # projection head: dropped
-    sd.update(
-        {
-            f"module.encoder_k.{k}": v + 1
-            for k, v in enc.state_dict().items()
-            if v.is_floating_point()
-        }
-    )
+    sd.update({f"module.encoder_k.{k}": v + 1 for k, v in enc.state_dict().items() if v.is_floating_point()})
     sd["module.queue"] = torch.zeros(128, 16)
     path = tmp_path / "moco.pth.tar"
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
