@@ -47,8 +47,8 @@ class ActionSettings:
     dataset: str = "synth_ucf101"
     mode: Literal["linear", "finetune"] = "linear"
     split: Literal["1", "2", "3", "all"] = "1"  # official split; "all" = 3-split mean
-    image_size: int = 40  # decoded canvas side (shorter side + centre crop); paper 128 / 256
-    crop: int = 32  # network input side; BraVe 224, VideoMoCo / ParamCrop 112
+    image_size: int = 32  # decoded canvas side (shorter side + centre crop); paper 128 / 256
+    crop: int = 24  # network input side; BraVe 224, VideoMoCo / ParamCrop 112
     frames: int = 8  # BraVe 32, VideoMoCo 16-32
     stride: int = 2  # BraVe 2
     test_clips: int = 4  # BraVe / pySlowFast: 10

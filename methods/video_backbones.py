@@ -182,16 +182,16 @@ def r3d_micro(
     widths: tuple[int, ...] | list[int] = (16, 32, 64, 128),
     depths: tuple[int, ...] | list[int] = (1, 1, 1, 1),
     temporal_strides: tuple[int, ...] | list[int] = (1, 1, 2, 2),
-    spatial_strides: tuple[int, ...] | list[int] = (2, 2, 2, 1),
+    spatial_strides: tuple[int, ...] | list[int] = (1, 2, 2, 1),
     conv: str = "3d",
     **_: Any,
 ) -> VideoResNetBackbone:
-    """A narrow 3D ResNet for 8-frame 32-px clips on a CPU (~16 MMAC per clip).
+    """A narrow 3D ResNet for 8-frame 24-px clips on a CPU.
 
     torchvision's R3D-18 design (3×3×3 BasicBlocks, stem stride (1,2,2)) with widths 16..128
-    instead of 64..512, one block per stage, space halved from layer1 on (32 px -> 2×2 cells) and
-    time only in layer3 and layer4, so 8-frame clips keep their motion. ``conv="2plus1d"`` gives
-    the R(2+1)D factorisation.
+    instead of 64..512 and one block per stage; space is halved by the stem, layer2 and layer3
+    (24 px -> 3×3 cells), time only by layer3 and layer4, so 8-frame clips keep their motion.
+    ``conv="2plus1d"`` gives the R(2+1)D factorisation.
     """
     builders = {"3d": _conv3d, "2plus1d": _conv2plus1d}
     if conv not in builders:

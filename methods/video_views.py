@@ -36,9 +36,9 @@ from cropbench.methods.views import (
 
 
 def video_image_views() -> ViewConfig:
-    """Spatial/photometric part for micro clips: 32 px, crop scale 0.2-1, MoCo v2 jitter (in a
+    """Spatial/photometric part for micro clips: 24 px, crop scale 0.2-1, MoCo v2 jitter (in a
     fixed order: one hue pass instead of four) and grayscale, no blur."""
-    return ViewConfig(size=32, scale=(0.2, 1.0), jitter_order="fixed", blur_p=0.0)
+    return ViewConfig(size=24, scale=(0.2, 1.0), jitter_order="fixed", blur_p=0.0)
 
 
 @dataclass(frozen=True)

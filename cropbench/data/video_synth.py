@@ -5,12 +5,12 @@ Its class is how it moves: ``ACTIONS`` lists ten motion families, chosen to surv
 augmentations video SSL uses: a horizontal flip turns "slide left" into "slide right" and a
 clockwise spin into an anticlockwise one, so those directions are drawn at random *within* a
 class, while up/down and grow/shrink (no augmentation swaps them; time is never reversed) are
-separate classes. The look (object shape, colours, texture, size; background) belongs to a
-*group* (UCF101's "same actor and scene") and is shared by the group's clips of every class, so
-appearance alone says nothing about the class, and clips of one look differ only in how (and
-where, how fast, in which phase) the object moves: instance discrimination across a batch has
-to use motion, and a single frame says little (grow vs shrink, rise vs fall). Per clip: start
-pose, speed, phase, direction, length, camera pan, pixel noise.
+separate classes. The look (object shape, colours, texture, size, where it stands and how it is
+oriented; background) belongs to a *group* (UCF101's "same actor and scene") and is shared by
+the group's clips of every class, so appearance alone says nothing about the class, and clips of
+one look differ only in how (how fast, in which phase) the object moves: telling them apart, as
+instance discrimination across a batch must, takes motion; a single frame says little (grow vs
+shrink, rise vs fall). Per clip: speed, phase, direction, length, camera pan, pixel noise.
 
 The videos are encoded with PyAV (MPEG-4 Part 2 in AVI, like UCF101/HMDB51's XviD files) and laid
 out exactly like the official datasets (``video_lists.py`` documents the layouts), so the real
@@ -56,6 +56,8 @@ class Look:
     radius: float  # base radius as a fraction of the frame side
     aspect: float  # elongation (>1 makes rotation visible)
     scene: int  # seed of the background (gradient, texture, blobs): the same for the whole group
+    start: tuple[float, float]  # where the object stands (x, y as fractions of the frame side)
+    angle: float  # its orientation (rad)
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -67,25 +69,32 @@ def draw_look(rng: np.random.Generator) -> Look:
     if np.abs(fg - fg2).sum() < 150:  # keep the texture (and so rotation) visible
         fg2 = 255.0 - fg
     shape, texture = int(rng.integers(0, 3)), int(rng.integers(0, 3))
-    period, radius, aspect = rng.uniform(0.5, 0.9), rng.uniform(0.15, 0.19), rng.uniform(1.6, 2.2)
-    scene = int(rng.integers(0, 2**31))
-    return Look(fg, fg2, _colour(rng), _colour(rng), shape, texture, period, radius, aspect, scene)
+    period, radius, aspect = rng.uniform(0.5, 0.9), rng.uniform(0.17, 0.21), rng.uniform(1.6, 2.2)
+    scene, start, angle = (
+        int(rng.integers(0, 2**31)),
+        tuple(rng.uniform(0.35, 0.65, 2)),
+        rng.uniform(0, np.pi),
+    )
+    bg0, bg1 = _colour(rng), _colour(rng)
+    return Look(fg, fg2, bg0, bg1, shape, texture, period, radius, aspect, scene, start, angle)
 
 
 def motion(
-    rng: np.random.Generator, action: int, n: int, size: int, radius: float
+    rng: np.random.Generator, action: int, n: int, size: int, look: Look
 ) -> dict[str, np.ndarray]:
     """Per-frame pose of the object: centre (cx, cy) in pixels, scale, angle (rad), visibility.
 
-    Every motion is visible in any window of a few frames (translations wrap around the frame).
+    The object starts where the group's look puts it; ``rng`` draws the clip's speed, phase and
+    direction. Every motion shows in any few frames (translations wrap around the frame).
     """
     t = np.arange(n, dtype=np.float32)
     sign = rng.choice([-1.0, 1.0])  # direction within a class (flip / mirror symmetric)
-    cx = np.full(n, rng.uniform(0.3, 0.7) * size, np.float32)
-    cy = np.full(n, rng.uniform(0.3, 0.7) * size, np.float32)
-    scale, angle = np.ones(n, np.float32), np.full(n, rng.uniform(0, np.pi), np.float32)
+    radius = look.radius
+    cx = np.full(n, look.start[0] * size, np.float32)
+    cy = np.full(n, look.start[1] * size, np.float32)
+    scale, angle = np.ones(n, np.float32), np.full(n, look.angle, np.float32)
     visible = np.ones(n, bool)
-    speed, phase = rng.uniform(1.0, 1.6), rng.uniform(0, 2 * np.pi)
+    speed, phase = rng.uniform(1.5, 2.2), rng.uniform(0, 2 * np.pi)
     span = size * (1 + 4 * radius)  # wrap period so the object fully leaves before re-entering
     name = ACTIONS[action]
     if name == "slide":
@@ -93,22 +102,22 @@ def motion(
     elif name in ("rise", "fall"):
         cy = (cy + (-1 if name == "rise" else 1) * speed * t) % span - 2 * radius * size
     elif name in ("grow", "shrink"):
-        cycle = ((t / rng.uniform(24, 32) + rng.uniform(0, 1)) % 1.0).astype(np.float32)  # sawtooth
+        cycle = ((t / rng.uniform(16, 24) + rng.uniform(0, 1)) % 1.0).astype(np.float32)  # sawtooth
         scale = 0.5 * np.exp(np.log(3.0) * (cycle if name == "grow" else 1 - cycle))
     elif name == "spin":
-        angle = angle + sign * rng.uniform(0.15, 0.25) * t
+        angle = angle + sign * rng.uniform(0.25, 0.35) * t
     elif name == "bounce":
         floor = rng.uniform(0.75, 0.85) * size
         cy = floor - rng.uniform(0.3, 0.45) * size * np.abs(
-            np.sin(np.pi * t / rng.uniform(12, 20) + phase)
+            np.sin(np.pi * t / rng.uniform(10, 16) + phase)
         )
     elif name == "shake":
         cx = cx + rng.uniform(0.1, 0.14) * size * np.sin(2 * np.pi * t / rng.uniform(6, 10) + phase)
     elif name == "orbit":
-        r, w = rng.uniform(0.2, 0.28) * size, sign * rng.uniform(0.12, 0.2)
+        r, w = rng.uniform(0.22, 0.3) * size, sign * rng.uniform(0.18, 0.26)
         cx, cy = size / 2 + r * np.cos(w * t + phase), size / 2 + r * np.sin(w * t + phase)
     elif name == "blink":
-        visible = np.sin(2 * np.pi * t / rng.uniform(8, 14) + phase) > -0.2
+        visible = np.sin(2 * np.pi * t / rng.uniform(6, 10) + phase) > -0.2
     else:
         raise ValueError(f"action {action} out of range 0..{len(ACTIONS) - 1}")
     return {
@@ -179,7 +188,7 @@ def render_video(
 ) -> np.ndarray:
     """One clip of class ``action``: T×H×W×3 uint8."""
     n = int(rng.integers(cfg.frames[0], cfg.frames[1] + 1))
-    pose = motion(rng, action, n, cfg.size, look.radius)
+    pose = motion(rng, action, n, cfg.size, look)
     frames = _background(rng, look, n, cfg.size, cfg)
     mask, colour = _object_layer(look, pose, cfg.size)
     frames = np.where(mask[..., None], colour, frames)
@@ -223,7 +232,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
 
 UCF_CLASSES = tuple(a.capitalize() for a in ACTIONS)  # UCF101 spells classes in CamelCase
 HMDB_CLASSES = ACTIONS  # HMDB51 spells them lower_snake_case
-UCF_SYNTH = SynthVideoConfig()  # 10 classes x 9 groups x 3 clips = 270 videos
+UCF_SYNTH = SynthVideoConfig(
+    noise=3.0, distractors=0
+)  # 10 classes x 9 groups x 3 clips = 270 videos
 HMDB_SYNTH = SynthVideoConfig(
     pan=0.6, noise=8.0, distractors=2, groups=10, clips_per_group=2
 )  # 200, harder
