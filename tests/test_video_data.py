@@ -98,14 +98,10 @@ def test_bad_split_files_are_errors_naming_the_file(tiny_ucf, tmp_path):
     )
     rel = f"{UCF_CLASSES[1]}/v_{UCF_CLASSES[1]}_g02_c01.avi"
     (broken / "ucfTrainTestlist" / "trainlist01.txt").write_text(f"{rel} 2\n")
-    with pytest.raises(
-        DatasetError, match=r"trainlist01.txt names 1 video\(s\) that do not exist.*g02_c01"
-    ):
+    with pytest.raises(DatasetError, match=r"trainlist01.txt names 1 video\(s\) that do not exist.*g02_c01"):
         ucf101_list(broken, "train")
     (broken / "ucfTrainTestlist" / "trainlist01.txt").write_text(f"{rel} 5\n")
-    with pytest.raises(
-        DatasetError, match="trainlist01.txt:1: label 5 disagrees with classInd.txt"
-    ):
+    with pytest.raises(DatasetError, match="trainlist01.txt:1: label 5 disagrees with classInd.txt"):
         ucf101_list(broken, "train")
     with pytest.raises(DatasetError, match="testlist01.txt not found"):
         ucf101_list(broken, "test")
@@ -119,9 +115,7 @@ def test_decoding_is_frame_exact_and_windows_decode_only_their_frames(tmp_path):
     full = decode_video(str(path))
     assert full.shape == (12, 3, 16, 16) and full.dtype == torch.uint8
     levels = full.float().mean(dim=(1, 2, 3))
-    assert torch.allclose(
-        levels, torch.tensor(frames.mean(axis=(1, 2, 3)), dtype=torch.float32), atol=3
-    )
+    assert torch.allclose(levels, torch.tensor(frames.mean(axis=(1, 2, 3)), dtype=torch.float32), atol=3)
     part = decode_video(str(path), start_frame=5, num_frames=4)
     assert torch.equal(part, full[5:9])
 
@@ -159,12 +153,8 @@ def test_samples_are_a_function_of_seed_epoch_and_index(tiny_ucf):
     ds.set_epoch(0)
     assert torch.equal(a, ds[3].video)
     other = with_window(ds, Window(4, 2))
-    assert (
-        other.window == Window(4, 2) and ds.window == Window(6, 1) and other[0].video.shape[1] == 4
-    )
-    lazy = VideoClips(
-        ucf101_list(tiny_ucf, "train"), image_size=12, window=Window(6, 1), cache=False
-    )
+    assert other.window == Window(4, 2) and ds.window == Window(6, 1) and other[0].video.shape[1] == 4
+    lazy = VideoClips(ucf101_list(tiny_ucf, "train"), image_size=12, window=Window(6, 1), cache=False)
     assert lazy[3].video.shape == a.shape and lazy[3].label == ds[3].label
 
 
@@ -176,19 +166,22 @@ def test_undecodable_and_truncated_videos_are_skipped_with_a_counted_warning(tmp
     cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
     items = tuple(VideoItem(str(p), 0) for p in (good, junk, cut))
     videos = VideoList(items, ("a",), "my_list.txt")
+    ds = VideoClips(videos, image_size=16, window=Window(4, 1), cache=True, max_bad_fraction=0.9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = VideoClips(
-            videos, image_size=16, window=Window(4, 1), cache=True, max_bad_fraction=0.9
-        )
+        decoded = [ds.full_video(i) for i in range(3)]  # bad files show up when first read
+        samples = [ds[i] for i in range(3)]  # ... and are skipped from then on
     messages = [str(w.message) for w in caught if issubclass(w.category, BadVideoWarning)]
-    assert len(ds) == 1 and sorted(ds.bad) == sorted([str(junk), str(cut)])
+    assert [d is None for d in decoded] == [False, True, True] and len(messages) == 2
+    assert sorted(ds.bad) == sorted([str(junk), str(cut)])
+    assert all(s.video.shape == (3, 4, 16, 16) and s.label == 0 for s in samples)
     assert any("junk.avi" in m and "1 bad video(s) so far in my_list.txt" in m for m in messages)
     assert any("cut.avi" in m and "truncated" in m and "2 bad video(s)" in m for m in messages)
+    strict = VideoClips(videos, image_size=16, window=Window(4, 1), cache=True, max_bad_fraction=0.5)
     with pytest.raises(DatasetError, match="2 of 3 videos listed in my_list.txt cannot be decoded"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            VideoClips(videos, image_size=16, window=Window(4, 1), cache=True, max_bad_fraction=0.5)
+            [strict[i] for i in range(3)]
     lazy = VideoClips(videos, image_size=16, window=Window(4, 1), cache=False, max_bad_fraction=0.9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -87,17 +87,13 @@ def to_canvas(frames: Tensor, size: int) -> Tensor:
     if (h, w) != (size, size):
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        frames = F.interpolate(
-            frames.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
-        )
+        frames = F.interpolate(frames.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         y0, x0 = (nh - size) // 2, (nw - size) // 2
         frames = frames[:, :, y0 : y0 + size, x0 : x0 + size].round().clamp(0, 255).to(torch.uint8)
     return frames.contiguous()
 
 
-def window_indices(
-    n: int, frames: int, stride: int, rng: np.random.Generator | None
-) -> tuple[np.ndarray, bool]:
+def window_indices(n: int, frames: int, stride: int, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
     """Frame indices of a window of ``frames`` frames every ``stride`` frames in a video of ``n``.
 
     Random start (``rng``) or the centred window (``rng=None``). A video shorter than the window's
@@ -135,7 +131,11 @@ class Window:
 
 
 class VideoClips(Dataset):
-    """Map-style dataset of uint8 windows (3×T×S×S); ``cache=True`` decodes every video once."""
+    """Map-style dataset of uint8 windows (3×T×S×S).
+
+    ``cache=True`` keeps every decoded video in memory after its first use (the embedded sets are
+    small); ``cache=False`` decodes only each sample's window (real datasets). Bad videos are found
+    when first read, warned about, counted and skipped from then on."""
 
     def __init__(
         self,
@@ -151,14 +151,7 @@ class VideoClips(Dataset):
         self.epoch = 0
         self.bad: dict[str, str] = {}  # path -> reason (this process)
         self.items = list(videos.items)
-        self._frames: list[Tensor] | None = None
-        if cache:
-            self._frames = []
-            for item in videos.items:
-                frames = self._try_decode(item.path)
-                if frames is not None:
-                    self._frames.append(frames)
-            self.items = [it for it in videos.items if it.path not in self.bad]
+        self._memo: dict[int, Tensor] | None = {} if cache else None  # decoded videos, on first use
 
     # --- bad input -------------------------------------------------------------------------------
     def _try_decode(self, path: str, start: int = 0, num: int | None = None) -> Tensor | None:
@@ -167,8 +160,7 @@ class VideoClips(Dataset):
         except VideoDecodeError as e:
             self.bad[path] = str(e)
             warnings.warn(
-                f"skipping video {path}: {e} "
-                f"({len(self.bad)} bad video(s) so far in {self.videos.source})",
+                f"skipping video {path}: {e} ({len(self.bad)} bad video(s) so far in {self.videos.source})",
                 BadVideoWarning,
                 stacklevel=2,
             )
@@ -177,8 +169,7 @@ class VideoClips(Dataset):
                 raise DatasetError(
                     f"{len(self.bad)} of {len(self.videos.items)} videos listed in "
                     f"{self.videos.source} cannot be decoded (limit {limit:.0f}, "
-                    f"max_bad_fraction={self.max_bad_fraction}): "
-                    + ", ".join(sorted(self.bad)[:5])
+                    f"max_bad_fraction={self.max_bad_fraction}): " + ", ".join(sorted(self.bad)[:5])
                 ) from e
             return None
 
@@ -213,33 +204,30 @@ class VideoClips(Dataset):
 
     def full_video(self, i: int) -> Tensor | None:
         """All frames of video ``i`` (T×3×S×S uint8), or None with a warning when undecodable."""
-        if self._frames is not None:
-            return self._frames[i]
-        return self._try_decode(self.items[i].path)
+        if self._memo is not None and i in self._memo:
+            return self._memo[i]
+        frames = self._try_decode(self.items[i].path)
+        if frames is not None and self._memo is not None:
+            self._memo[i] = frames
+        return frames
 
     def __getitem__(self, i: int) -> VideoSample:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        for k in range(
-            len(self.items)
-        ):  # a bad video is replaced by the next good one (deterministic)
+        for k in range(len(self.items)):  # a bad video is replaced by the next good one (deterministic)
             j = (i + k) % len(self.items)
             if self.items[j].path in self.bad:
                 continue
             window = self._window(j, rng)
             if window is not None:
                 frames, looped = window
-                return VideoSample(
-                    frames.permute(1, 0, 2, 3).contiguous(), self.items[j].label, i, looped
-                )
+                return VideoSample(frames.permute(1, 0, 2, 3).contiguous(), self.items[j].label, i, looped)
         raise DatasetError(f"no decodable video left in {self.videos.source}")
 
     def _window(self, j: int, rng: np.random.Generator) -> tuple[Tensor, bool] | None:
         """T×3×S×S frames of one random window of video ``j`` and whether it was looped."""
         frames, stride = self.window.frames, self.window.stride
         span = (frames - 1) * stride + 1
-        if (
-            self._frames is None
-        ):  # decode only the window when the header says the video is long enough
+        if self._memo is None:  # decode only the window when the header says it is long enough
             path = self.items[j].path
             n = _header_frames(path)
             if n >= span:
@@ -275,9 +263,7 @@ def _header_frames(path: str) -> int:
         return 0
 
 
-def clip_batches(
-    ds: VideoClips, i: int, window: Window, starts: list[int]
-) -> tuple[Tensor, bool] | None:
+def clip_batches(ds: VideoClips, i: int, window: Window, starts: list[int]) -> tuple[Tensor, bool] | None:
     """Clips of video ``i`` starting at ``starts``: K×3×T×S×S uint8, and whether any looped."""
     frames = ds.full_video(i)
     if frames is None:
@@ -291,9 +277,7 @@ def clip_batches(
     return torch.stack(clips), looped
 
 
-def _builder(
-    lister: Callable[[Path, str], VideoList], synthetic: bool
-) -> Callable[..., VideoClips]:
+def _builder(lister: Callable[[Path, str], VideoList], synthetic: bool) -> Callable[..., VideoClips]:
     def build(
         folder: Path,
         split: str,
