@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
@@ -19,7 +14,6 @@ from cropbench.backbones import resnet18, resnet50, resnet_micro
 from cropbench.config import from_dict
 from cropbench.data.cityscapes import CityscapesSemantic, label_id_to_train_id
 from cropbench.data.synth_dense import SynthDenseConfig, write_cityscapes
-from cropbench.dist import DistContext
 from cropbench.errors import DatasetError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.cityscapes import (
@@ -29,7 +23,6 @@ from cropbench.evaluations.cityscapes import (
     _rescale_size,
     augment,
     evaluate,
-    finetune_and_test,
 )
 from cropbench.evaluations.segmentation import (
     FCNSegmenter,
@@ -217,27 +210,3 @@ def test_evaluate_end_to_end_on_real_layout(cs_root):
     assert set(m) == {"mIoU", "aAcc"} and all(0 <= v <= 100 for v in m.values())
     assert any("iter 3/3" in line for line in logs)
     assert evaluate(enc, s, EvalData(root=cs_root, log=logs.append)) == m  # seed-determined on CPU
-
-
-def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    s = CityscapesSettings(iterations=2, batch_size=2, crop_size=(32, 32), test_stride=(16, 16))
-    train = CityscapesSemantic(f"{root}/cityscapes", "train")
-    test = CityscapesSemantic(f"{root}/cityscapes", "val")
-    data = EvalData(root=root, dist=DistContext(rank, world), log=lambda _: None)
-    torch.save(finetune_and_test(resnet_micro(), s, data, train, test), f"{out}/{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_two_process_finetune_agrees_across_ranks(cs_root, tmp_path):
-    """gloo DDP (per-process BN on CPU): each rank tests half of val; the confusion matrices are
-    summed, so both ranks report the same metrics."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(cs_root), str(tmp_path)), nprocs=2, join=True)
-    m0, m1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
-    assert m0 == m1 and 0 <= m0["mIoU"] <= 100

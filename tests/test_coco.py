@@ -22,11 +22,14 @@ from pycocotools.cocoeval import COCOeval
 
 from cropbench.backbones import resnet18, resnet50, resnet_micro
 from cropbench.config import from_dict
+from cropbench.data.cityscapes import CityscapesSemantic
 from cropbench.data.coco import CocoInstances
-from cropbench.data.synth_dense import SynthDenseConfig, write_coco
+from cropbench.data.synth_dense import SynthDenseConfig, write_cityscapes, write_coco
 from cropbench.dist import DistContext
 from cropbench.errors import ConfigError, DatasetError
 from cropbench.evaluations.base import EvalData
+from cropbench.evaluations.cityscapes import CityscapesSettings
+from cropbench.evaluations.cityscapes import finetune_and_test as finetune_cityscapes
 from cropbench.evaluations.coco import (
     METRICS,
     PAPER,
@@ -272,26 +275,28 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    s = CocoSettings(
-        iterations=2, batch_size=2, train_min_sizes=(64,), test_min_size=64, max_size=64, detections_per_image=5
-    )
-    train = CocoInstances(f"{root}/coco", "train")
-    test = CocoInstances(f"{root}/coco", "val", masks=False)
     data = EvalData(root=root, dist=DistContext(rank, world), log=lambda _: None)
-    m = finetune_and_test(resnet_micro(), s, data, train, test)
+    torch.manual_seed(0)
+    s = CocoSettings(iterations=2, batch_size=2, train_min_sizes=(64,), test_min_size=64, max_size=64)
+    train, test = CocoInstances(f"{root}/coco", "train"), CocoInstances(f"{root}/coco", "val", masks=False)
+    det = finetune_and_test(resnet_micro(), s, data, train, test)
     seen = predict(build_detector(resnet_micro(), 10, s), test, s, data, lambda i, _: [i])
-    torch.save((m, seen), f"{out}/{rank}.pt")
+    seg_s = CityscapesSettings(iterations=2, batch_size=2, crop_size=(32, 32), test_stride=(16, 16))
+    cs_train, cs_val = CityscapesSemantic(f"{root}/cs", "train"), CityscapesSemantic(f"{root}/cs", "val")
+    seg = finetune_cityscapes(resnet_micro(), seg_s, data, cs_train, cs_val)
+    torch.save((det, seen, seg), f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_process_finetune_gathers_all_predictions(coco_root, tmp_path):
-    """gloo DDP: each rank predicts half of val; the gathered results give both ranks the same
-    COCOeval numbers."""
+def test_two_process_finetunes_agree_across_ranks(coco_root, tmp_path):
+    """gloo DDP (per-process BN on CPU), detection and segmentation: each rank predicts half of the
+    test images; gathered detections / summed confusion matrices give both ranks the same numbers."""
+    write_cityscapes(coco_root / "cs", SynthDenseConfig(image_size=32, train_images=8, val_images=4))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(coco_root), str(tmp_path)), nprocs=2, join=True)
-    (m0, seen0), (m1, seen1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
-    np.testing.assert_array_equal(list(m0.values()), list(m1.values()))
+    (det0, seen0, seg0), (det1, seen1, seg1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    np.testing.assert_array_equal(list(det0.values()), list(det1.values()))
     assert sorted(seen0) == sorted(seen1) == list(range(TINY.val_images))
+    assert seg0 == seg1 and 0 <= seg0["mIoU"] <= 100
