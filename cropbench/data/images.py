@@ -109,7 +109,7 @@ register_dataset(
         IMAGEFOLDER_LAYOUT,
         _build_synth,
         synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
-        description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 500 val)",
+        description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 1000 val)",
         version=str(GENERATOR_VERSION),
     )
 )

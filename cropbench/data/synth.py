@@ -31,7 +31,7 @@ CLASSES = (
     "zigzag",  # chevrons
     "speckle",  # solid with sparse small squares
 )
-GENERATOR_VERSION = 1  # bump when the rendering changes: golden records depend on it
+GENERATOR_VERSION = 2  # bump when the rendering changes: golden records depend on it
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,12 @@ class Scene:
     label: int  # class of the main object
 
 
-def _texture(rng: np.random.Generator, cls: int, size: int, cy: float, cx: float) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, cls: int, size: int, cy: float, cx: float, period_range: tuple[float, float]
+) -> np.ndarray:
     """Binary pattern (H×W float in {0,1}) of texture family ``cls`` over the whole canvas."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(0.07, 0.13) * size
+    period = rng.uniform(*period_range) * size
     phase = rng.uniform(0, period)
     xs, ys = x + phase, y + rng.uniform(0, period)
     two_pi = 2 * np.pi / period
@@ -121,8 +123,14 @@ def render_scene(
     n_distractors: int = 1,
     main_area: tuple[float, float] = (0.3, 0.6),
     distractor_area: tuple[float, float] = (0.04, 0.1),
+    period: tuple[float, float] = (0.1, 0.16),
 ) -> Scene:
-    """Render one scene whose main object has texture class ``label``."""
+    """Render one scene whose main object has texture class ``label``.
+
+    ``period`` is the texture period as a fraction of the canvas side. Its lower end keeps at least
+    ~3 px per period once a 64-px canvas is shown at 32 px (the micro evaluation resolution); finer
+    textures alias into flat colour there and nothing can learn them.
+    """
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     c0, c1 = _random_colour(rng), _random_colour(rng)
     t = np.clip(rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y + 0.5, 0, 1)[..., None]
@@ -132,7 +140,7 @@ def render_scene(
     visible: list[np.ndarray] = []
     for cls, area in zip(classes, areas, strict=True):
         mask, cy, cx = _shape_mask(rng, size, area)
-        pattern = _texture(rng, cls, size, cy, cx)[..., None]
+        pattern = _texture(rng, cls, size, cy, cx, period)[..., None]
         fg, bg = _random_colour(rng), _random_colour(rng)
         if np.abs(fg - bg).sum() < 150:  # keep the texture visible: push the two colours apart
             bg = 255.0 - fg
@@ -147,8 +155,13 @@ def render_scene(
 @dataclass(frozen=True)
 class SynthImagesConfig:
     image_size: int = 64  # canvas side; views are 32-px crops of it at micro scale
-    train_per_class: int = 160  # 1600 training images: ~10 s per SimCLR epoch on 2 cores
-    val_per_class: int = 50
+    train_per_class: int = 160  # 1600 training images: ~5 s per SimCLR epoch on 2 cores
+    val_per_class: int = 100  # 1000 validation images: a kNN top-1 standard error of ~1.5 points
+    # One large object and no distractor. Measured (SimCLR micro, 12 epochs, seed 0): with one
+    # small distractor of another texture class, kNN top-1 stays at chance (13.4 vs 14.4 at random
+    # init); without it, 35.6 vs 15.2. The dense sets (synth_dense.py) keep their distractors.
+    n_distractors: int = 0
+    main_area: tuple[float, float] = (0.5, 0.8)
     seed: int = 0  # scenes are a pure function of (seed, split, index)
 
 
@@ -163,5 +176,6 @@ def write_imagefolder(folder: Path, cfg: SynthImagesConfig = SynthImagesConfig()
             (folder / split / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class * len(CLASSES)):
             label = i % len(CLASSES)
-            scene = render_scene(scene_rng(cfg.seed, split, i), cfg.image_size, label)
+            rng = scene_rng(cfg.seed, split, i)
+            scene = render_scene(rng, cfg.image_size, label, cfg.n_distractors, cfg.main_area)
             Image.fromarray(scene.image).save(folder / split / CLASSES[label] / f"{i:06d}.png")
