@@ -16,6 +16,7 @@ method-specific extras such as RegionCL region boxes, CYBORGS mask ids or video 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -103,8 +104,10 @@ class MethodContext:
         return self.steps_per_epoch * self.epochs
 
 
-class SSLMethod(nn.Module):
-    """Base class: subclasses set ``Config`` (a frozen dataclass) and implement ``training_step``."""
+class SSLMethod(nn.Module, abc.ABC):
+    """Base class: subclasses set ``Config`` (a frozen dataclass) and implement ``make_views``
+    (the views of one batch, with their provenance: ``cropbench views`` draws them) and
+    ``training_step`` (views -> loss). An entry whose method lacks either cannot be instantiated."""
 
     Config: ClassVar[type]
     modality: ClassVar[str] = "image"
@@ -120,11 +123,13 @@ class SSLMethod(nn.Module):
         """The backbone that evaluations receive (the online / query encoder)."""
         return self.backbone
 
+    @abc.abstractmethod
     def make_views(self, batch: Any, generator: torch.Generator) -> list[View]:
-        raise NotImplementedError(f"{type(self).__name__} does not expose its views")
+        """The views of ``batch`` (tensors + provenance), drawn from ``generator``."""
 
+    @abc.abstractmethod
     def training_step(self, batch: Any, step: int, generator: torch.Generator) -> StepOutput:
-        raise NotImplementedError
+        """One optimisation step's loss (and logs) on ``batch``."""
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (momentum updates)."""

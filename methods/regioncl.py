@@ -59,6 +59,11 @@ class RegionSwap:
     backbone: nn.Module
     cfg: Any  # the method's Config, with a ``region: RegionConfig`` field
 
+    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
+        """The base method's two views, then the composite built on the first (query) one."""
+        views = super().make_views(batch, generator)  # type: ignore[misc]  # the base method's, by MRO
+        return [*views, self.region_view(views[0], generator)]
+
     def region_view(self, v: View, generator: torch.Generator) -> View:
         """Composite of ``v``; provenance: region box (view px), partner, boxes in canvas px."""
         b, _, h, w = v.tensor.shape
@@ -100,10 +105,6 @@ class RegionCLM(_QueueRegionLoss, MoCoV2):
     class Config(MoCoV2.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
 
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        v_q, v_k = super().make_views(batch, generator)
-        return [v_q, v_k, self.region_view(v_q, generator)]
-
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k, v_mix = self.make_views(batch, generator)
         q = self.encode_query(v_q.tensor)  # B×D
@@ -120,10 +121,6 @@ class RegionCLD(_QueueRegionLoss, DenseCL):
     class Config(DenseCL.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
 
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        v_q, v_k = super().make_views(batch, generator)
-        return [v_q, v_k, self.region_view(v_q, generator)]
-
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k, v_mix = self.make_views(batch, generator)
         loss, logs, k = self.dense_step(v_q, v_k, generator)  # (1-λ)·global + λ·dense
@@ -138,10 +135,6 @@ class RegionCLS(RegionSwap, SimSiam):
     @dataclass(frozen=True)
     class Config(SimSiam.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        v1, v2 = super().make_views(batch, generator)
-        return [v1, v2, self.region_view(v1, generator)]
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2, v_mix = self.make_views(batch, generator)

@@ -13,6 +13,7 @@ pytorchvideo's ``blocks``), so the state dicts load into those libraries' models
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -24,15 +25,16 @@ from torchvision.models.video.resnet import BasicBlock
 from cropbench.registry import BACKBONES
 
 
-class VideoBackbone(nn.Module):
+class VideoBackbone(nn.Module, abc.ABC):
     """Base: subclasses implement ``forward_features``; ``forward`` pools it over T, H, W."""
 
     modality = "video"
     feat_dim: int
     arch: str
 
+    @abc.abstractmethod
     def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """B×C×T×H×W clips -> B×D×T'×H'×W' feature maps."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
