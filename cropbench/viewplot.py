@@ -167,7 +167,8 @@ def render_views(
     method = build_method(
         recipe, MethodContext(batch_size=n_images), f"{entry.path} (variant {variant!r})"
     )
-    subset = torch.utils.data.Subset(dataset, range(n_images))
+    # spread over the split: class-sorted layouts (ImageFolder, UCF101) then show different classes
+    subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n_images for i in range(n_images)])
     with tempfile.TemporaryDirectory() as tmp:
         prepared = method.prepare_dataset(subset, Path(tmp))  # e.g. CYBORGS computes its masks
         collate = getattr(prepared, "collate", None) or getattr(dataset, "collate", collate_images)
