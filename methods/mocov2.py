@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
-from cropbench.methods.heads import mocov2_projector
+from cropbench.methods.heads import mocov2_projector, simclr_projector
 from cropbench.methods.losses import info_nce
 from cropbench.methods.momentum import (
     Queue,
@@ -49,10 +49,14 @@ class MoCoV2(SSLMethod):
         shuffle_bn: bool = (
             True  # shuffle keys across processes before the key encoder (no-op on one)
         )
+        # BatchNorm in the projector (Linear-BN-ReLU-Linear-BN, as SimCLR / MoCo v3), not MoCo v2's
+        # plain MLP: off at paper scale; micro turns it on (see the mocov2 entry's deviations)
+        projector_bn: bool = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
-        self.projector = mocov2_projector(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
+        head = simclr_projector if cfg.projector_bn else mocov2_projector
+        self.projector = head(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
         self.key_backbone = momentum_copy(backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = Queue(cfg.queue_size, cfg.out_dim)

@@ -174,3 +174,21 @@ def test_ema_parameters_are_excluded_from_the_default_param_groups() -> None:
             {id(p) for p in frozen} & {id(p) for g in method.param_groups() for p in g["params"]}
         )
         assert isinstance(method.momentum_pairs()[0][1], nn.Module)
+
+
+def test_mocov2_projector_bn_spreads_the_initial_embeddings() -> None:
+    """The micro recipes' ``projector_bn``: the plain MoCo v2 head maps random-init features of
+    distinct images to nearly one direction; with BatchNorm (SimCLR / MoCo v3 head) they spread."""
+    images = _batch(16).images.float() / 255
+
+    def mean_cos(method: MoCoV2) -> float:
+        method.train()
+        with torch.no_grad():
+            z = method.encode_query(images[:, :, :16, :16])
+        sim = z @ z.T
+        return sim[~torch.eye(len(z), dtype=torch.bool)].mean().item()
+
+    plain, with_bn = _method("mocov2"), _method("mocov2", projector_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.projector.modules())
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in with_bn.projector.modules()) == 2
+    assert mean_cos(plain) > 0.5 and abs(mean_cos(with_bn)) < 0.2
