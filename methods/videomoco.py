@@ -100,6 +100,7 @@ class VideoMoCo(VideoMoCoV2):
         queue_size: int = 65536  # official --moco-k
         momentum: float = 0.999  # official --moco-m
         shuffle_bn: bool = True
+        projector_bn: bool = False  # MoCoV2's option (BN projector); the official MLP has none
         decay: float = 0.99999  # temporal decay t (official builder.py)
         drop: int = 8  # frames dropped per clip (official: 8 of 32)
         adversarial_from: float = (

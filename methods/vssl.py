@@ -87,6 +87,7 @@ class VideoMoCoV2(VideoViews, MoCoV2):
         queue_size: int = 65536  # MoCo v2 (K)
         momentum: float = 0.999  # MoCo v2 (m)
         shuffle_bn: bool = True
+        projector_bn: bool = False  # MoCoV2's option (BN projector); MoCo v2's plain MLP here
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
