@@ -240,3 +240,15 @@ def test_run_table_puts_random_init_beside_pretrained() -> None:
         ["simclr/default", "micro", "knn", "0", "top1", "60.00", "14.25", "+45.75"],
         ["simclr/default", "micro", "knn", "0", "top5", "90.00", "61.50", "+28.50"],
     ]
+
+
+def test_committed_micro_leaderboard_is_regenerated_from_the_goldens() -> None:
+    """results/leaderboard_micro.md must be exactly `cropbench leaderboard --records results/golden`."""
+    from cropbench.records import load_records
+    from cropbench.tables import leaderboard
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = (repo / "results" / "leaderboard_micro.md").read_text()
+    assert leaderboard(load_records(repo / "results" / "golden"), "md") == committed, (
+        "stale: run `cropbench leaderboard --records results/golden --out results/leaderboard_micro.md`"
+    )
