@@ -28,6 +28,10 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, dist: DistContext) -> Te
     local 2N anchors is scored against all 2·N·world other embeddings (its positive and the
     2N_global − 2 negatives); the loss is the mean over local anchors of
     −log exp(s_pos/τ) / Σ_{k≠anchor} exp(s_k/τ), with s the cosine similarity.
+
+    This is the paper's 1/(2N) mean. The official code (google-research/simclr@383d414
+    tf2/objective.py) returns ``reduce_mean(loss_a + loss_b)``, the *sum* of the two views' means:
+    exactly 2× this value and gradient (pinned in tests/test_fidelity.py).
     """
     n = z1.shape[0]
     local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2N×D: [view 1; view 2]
