@@ -4,7 +4,9 @@
 
     round 0 (prepare_dataset): masks <- colour k-means of the canvases (or a given mask file)
     each step: views of image + mask (same crop/flip) -> hyper-columns (C3, C4, C5) -> sample 16
-               segments per view -> mask-pool -> BYOL heads -> DetCon-B loss vs an EMA target
+               segment ids per view (online and target independently; present ids first, then
+               absent ones) -> mask-pool -> BYOL heads applied per sample slot -> DetCon-B loss
+               vs an EMA target
     every N epochs (on_epoch_start): masks <- k-means of the online network's features, jointly
                over groups of G images, K ~ U[k_lo, k_hi]; saved as <run_dir>/masks/round_RRR.pt
 
@@ -43,6 +45,7 @@ from cropbench.methods.mask_pool import (
     hypercolumn,
     mask_pool,
     masks_to_grid,
+    per_slot,
     sample_segments,
     segments_present,
 )
@@ -74,9 +77,7 @@ def _nearest(x: Tensor, centroids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def cluster_group(
-    feats: Tensor, k_range: tuple[int, int], iters: int, generator: torch.Generator
-) -> Tensor:
+def cluster_group(feats: Tensor, k_range: tuple[int, int], iters: int, generator: torch.Generator) -> Tensor:
     """Joint k-means over all cells of a group of images (CYBORGS). -> G×h×w long.
 
     feats: G×D×h×w; cells are L2-normalised; K ~ U[k_lo, k_hi], capped at h·w (CYBORGS caps it at
@@ -123,9 +124,7 @@ def compute_masks(
     return torch.cat(out).to(torch.int16)
 
 
-COCO_IMAGES_LAYOUT = (
-    "<root>/coco/{train2017,val2017}/*.jpg   (every image of the split folder; no labels)"
-)
+COCO_IMAGES_LAYOUT = "<root>/coco/{train2017,val2017}/*.jpg   (every image of the split folder; no labels)"
 
 
 class FlatImageCanvas(Dataset):
@@ -134,9 +133,7 @@ class FlatImageCanvas(Dataset):
     def __init__(self, folder: Path, split: str, image_size: int = 256):
         root = folder / f"{split}2017" if (folder / f"{split}2017").is_dir() else folder / split
         if not root.is_dir():
-            raise DatasetError(
-                f"image folder {root} not found\nexpected layout:\n{COCO_IMAGES_LAYOUT}"
-            )
+            raise DatasetError(f"image folder {root} not found\nexpected layout:\n{COCO_IMAGES_LAYOUT}")
         self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not self.files:
             raise DatasetError(f"{root}: no images\nexpected layout:\n{COCO_IMAGES_LAYOUT}")
@@ -165,6 +162,13 @@ register_dataset(
 )
 
 
+def absent_fraction(present: list[Tensor], ids: list[Tensor]) -> Tensor:
+    """Share of the sampled ids (>= 0) absent from their view: they pool to zero vectors."""
+    ok = torch.cat([i >= 0 for i in ids])
+    hit = torch.cat([torch.gather(m, 1, i.clamp_min(0)) for m, i in zip(present, ids, strict=True)])
+    return (ok & ~hit).sum() / ok.sum().clamp_min(1)
+
+
 @dataclass(frozen=True)
 class MaskConfig:
     bootstrap_every: int = 100  # epochs between mask regenerations (CYBORGS boot_freq)
@@ -178,6 +182,8 @@ class MaskConfig:
 
 @METHODS.register("cyborgs")
 class CYBORGS(BYOL):
+    batchnorm = "sync"  # convert_sync_batchnorm [renwang435/CYBORGS@5737d31 main_cyborgs.py]
+
     @dataclass(frozen=True)
     class Config(BYOL.Config):
         masks: MaskConfig = field(default_factory=MaskConfig)
@@ -194,6 +200,11 @@ class CYBORGS(BYOL):
             raise ConfigError(
                 f"params.masks.k_range: up to {cfg.masks.k_range[1]} clusters, but "
                 f"params.num_segments is {cfg.num_segments}"
+            )
+        if cfg.n_sampled < 1 or cfg.temperature <= 0:
+            raise ConfigError(
+                f"params.n_sampled must be >= 1 and params.temperature > 0, "
+                f"got n_sampled={cfg.n_sampled}, temperature={cfg.temperature}"
             )
         in_dim = sum(backbone.stage_channels[s] for s in cfg.hyper_stages)  # hyper-column width
         self.projector = byol_mlp(in_dim, cfg.hidden_dim, cfg.out_dim)
@@ -233,9 +244,7 @@ class CYBORGS(BYOL):
         feats = self.round0_features if r == 0 else self.backbone_features
         self.eval()  # running BN statistics, as the official extraction subprocess
         try:
-            masks = compute_masks(
-                self.data.base, feats, mc.k_range, mc.group_size, mc.iters, gen, device
-            )
+            masks = compute_masks(self.data.base, feats, mc.k_range, mc.group_size, mc.iters, gen, device)
         finally:
             self.train(was_training)
         source = "colour k-means" if r == 0 else f"k-means of forward_stages[{mc.stage}]"
@@ -261,9 +270,7 @@ class CYBORGS(BYOL):
         views = super().make_views(batch, generator)
         if batch.masks is not None:
             for v in views:
-                v.prov.extra["mask"] = crop_masks(
-                    batch.masks, v.prov.boxes, v.prov.flipped, v.prov.output_size
-                )
+                v.prov.extra["mask"] = crop_masks(batch.masks, v.prov.boxes, v.prov.flipped, v.prov.output_size)
         return views
 
     def segment_grid(self, view: View) -> Tensor:
@@ -278,8 +285,8 @@ class CYBORGS(BYOL):
         proj = self.projector if online else self.target_projector
         stages = backbone.forward_stages(view.tensor)
         feats = hypercolumn([stages[s] for s in self.cfg.hyper_stages])  # B×C×h×w
-        z = proj(mask_pool(feats, grid, ids).flatten(0, 1))  # (B·R)×D: BN over all segments
-        return (self.predictor(z) if online else z).view(*ids.shape, -1)
+        z = per_slot(proj, mask_pool(feats, grid, ids))  # B×R×D, BN per slot over B (CYBORGS)
+        return per_slot(self.predictor, z) if online else z
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         if batch.masks is None:
@@ -296,13 +303,14 @@ class CYBORGS(BYOL):
             raise TrainingError("cyborgs: no view of this batch has a valid segment (mask ids -1)")
         p = [self.embed(v, g, i, online=True) for v, g, i in zip(views, grids, pid, strict=True)]
         with torch.no_grad():
-            z = [
-                self.embed(v, g, i, online=False) for v, g, i in zip(views, grids, tid, strict=True)
-            ]
-        loss = detcon_loss(
-            p[0], p[1], z[0], z[1], pid[0], pid[1], tid[0], tid[1], cfg.temperature, self.ctx.dist
-        )
-        n_seg = torch.stack(
-            [segments_present(g, cfg.num_segments).sum(1).float().mean() for g in grids]
-        ).mean()
-        return StepOutput(loss, {"momentum": self.momentum_at(step), "segments_per_view": n_seg})
+            z = [self.embed(v, g, i, online=False) for v, g, i in zip(views, grids, tid, strict=True)]
+        loss = detcon_loss(p[0], p[1], z[0], z[1], pid[0], pid[1], tid[0], tid[1], cfg.temperature, self.ctx.dist)
+        present = [segments_present(g, cfg.num_segments) for g in grids]
+        n_seg = torch.stack([m.sum(1).float().mean() for m in present]).mean()
+        logs = {
+            "loss_detcon": loss.detach(),
+            "momentum": self.momentum_at(step),
+            "segments_per_view": n_seg,
+            "absent_sampled": absent_fraction(present, pid),
+        }
+        return StepOutput(loss, logs)

@@ -6,11 +6,15 @@ ECCV 2022; REPO renwang435/CYBORGS@5737d31 ``model/builder.py``, ``model/losses.
 * ``crop_masks``: carry integer segment maps through the views' crop + resize + flip (nearest);
 * ``masks_to_grid``: one-hot the segments, average-pool each to the feature grid, give every cell
   its majority segment (cells that are all "ignore" (-1) stay -1);
-* ``sample_segments``: draw R segment ids per view uniformly among the segments present;
+* ``sample_segments``: draw R segment ids per view as CYBORGS' ``MaskPooling.sample_masks``:
+  without replacement, the present ids first, then absent ones (which pool to zero vectors);
 * ``mask_pool``: the mean feature of each sampled segment's cells;
+* ``per_slot``: a head applied to each sample slot on its own (CYBORGS ``MLP.forward``: BatchNorm
+  statistics per slot over the B images);
 * ``hypercolumn``: CYBORGS' features: C3, C4 average-pooled to the C5 grid and concatenated;
 * ``detcon_loss``: InfoNCE over segment vectors, positive = the other view's target vector of the
-  same segment of the same image, negatives = every other target vector of the (gathered) batch.
+  same segment of the same image, negatives = every other target vector of the (gathered) batch;
+  each term weighted by 1 / (online samples of its view sharing its id), CYBORGS ``DetConBLoss``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cropbench.dist import DistContext, gather_no_grad
@@ -77,19 +81,25 @@ def segments_present(grid_ids: Tensor, num_segments: int) -> Tensor:
     return present[:, 1:]
 
 
-def sample_segments(
-    grid_ids: Tensor, n: int, num_segments: int, generator: torch.Generator
-) -> Tensor:
-    """R = n segment ids per view, uniform with replacement among those present. -> B×n long.
+def sample_segments(grid_ids: Tensor, n: int, num_segments: int, generator: torch.Generator) -> Tensor:
+    """R = n segment ids per view, as CYBORGS' ``MaskPooling.sample_masks``. -> B×n long.
 
+    n <= num_segments: without replacement, the ids present in the view first, in uniformly random
+    order, then ids absent from it (uniformly random too). The official code draws
+    ``torch.multinomial(present + 1e-11, n)`` without replacement: the same law up to the 1e-11
+    weights. An absent id pools to a zero vector and takes part in the loss like a present one.
+    n > num_segments: with replacement among the present ids (the official code's other branch).
     A view with no valid cell gets ids -1 (its terms then carry zero weight in ``detcon_loss``).
     """
-    present = segments_present(grid_ids, num_segments).float()
-    empty = present.sum(1) == 0
-    probs = torch.where(empty.unsqueeze(1), torch.ones_like(present), present)
-    draw = torch.multinomial(probs.to(generator.device), n, replacement=True, generator=generator)
-    draw = draw.to(grid_ids.device)
-    return torch.where(empty.unsqueeze(1), torch.full_like(draw, IGNORE), draw)
+    present = segments_present(grid_ids, num_segments).to(generator.device)
+    empty = ~present.any(dim=1, keepdim=True)
+    if n > num_segments:
+        probs = torch.where(empty, torch.ones_like(present), present).float()
+        draw = torch.multinomial(probs, n, replacement=True, generator=generator)
+    else:  # a random key per id, +1 for present ids: descending keys = present ids first
+        keys = torch.rand(present.shape, generator=generator, device=generator.device)
+        draw = (keys + present.float()).topk(n, dim=1).indices
+    return torch.where(empty, torch.full_like(draw, IGNORE), draw).to(grid_ids.device)
 
 
 def mask_pool(features: Tensor, grid_ids: Tensor, seg_ids: Tensor) -> Tensor:
@@ -103,12 +113,20 @@ def mask_pool(features: Tensor, grid_ids: Tensor, seg_ids: Tensor) -> Tensor:
     return torch.bmm(weights.to(features.dtype), features.flatten(2).transpose(1, 2))
 
 
+def per_slot(head: nn.Module, x: Tensor) -> Tensor:
+    """Apply ``head`` to each sample slot on its own: B×R×C -> B×R×D.
+
+    CYBORGS ``MLP.forward`` (model/builder.py) runs Linear-BN-ReLU-Linear on ``x[:, r]`` for
+    r = 0..R-1, so BatchNorm normalises each slot over the B images (its running statistics are
+    updated R times per call), not over all B·R segment vectors as DetCon's haiku MLP does.
+    """
+    return torch.stack([head(x[:, r]) for r in range(x.shape[1])], dim=1)
+
+
 def hypercolumn(stages: list[Tensor]) -> Tensor:
     """Average-pool every map to the last one's grid and concatenate channels. -> B×ΣC×h×w."""
     h, w = stages[-1].shape[2:]
-    return torch.cat(
-        [F.adaptive_avg_pool2d(s, (h, w)) if s.shape[2:] != (h, w) else s for s in stages], dim=1
-    )
+    return torch.cat([F.adaptive_avg_pool2d(s, (h, w)) if s.shape[2:] != (h, w) else s for s in stages], dim=1)
 
 
 def _one_direction(
@@ -127,9 +145,8 @@ def _one_direction(
     img = torch.arange(b, device=pred.device) + offset  # local images' rows in the gathered batch
     same_img = img.view(b, 1, 1, 1) == torch.arange(n_all, device=pred.device).view(1, 1, -1, 1)
     p = pid.view(b, r, 1, 1)
-    valid = p >= 0
-    pos = same_img & (p == tid_other.view(1, 1, n_all, -1)) & valid  # B×R×B'×R
-    self_match = same_img & (p == tid_same.view(1, 1, n_all, -1)) & valid
+    pos = same_img & (p == tid_other.view(1, 1, n_all, -1)) & (p >= 0)  # B×R×B'×R
+    self_match = same_img & (p == tid_same.view(1, 1, n_all, -1))  # same view: masked out
     drop_o = (tid_other < 0).view(1, 1, n_all, -1).float()  # targets without a segment
     drop_s = (self_match | (tid_same < 0).view(1, 1, n_all, -1)).float()
     logits_o = torch.einsum("brd,ukd->bruk", pred, t_other) / temperature - 1e9 * drop_o
@@ -138,8 +155,9 @@ def _one_direction(
     labels = torch.cat([pos, torch.zeros_like(self_match)], dim=2).reshape(b, r, -1).float()
     n_pos = labels.sum(-1, keepdim=True)
     labels = labels / n_pos.clamp_min(1)
-    multiplicity = self_match.float().sum(dim=(2, 3)).clamp_min(1)  # same id sampled several times
-    weight = (n_pos.squeeze(-1) > 0).float() / multiplicity
+    # obj_area: online samples of this view and image with the prediction's id (itself included)
+    obj_area = (pid.unsqueeze(2) == pid.unsqueeze(1)).float().sum(2)  # B×R, >= 1
+    weight = (n_pos.squeeze(-1) > 0).float() / obj_area
     return (-(labels * F.log_softmax(logits, dim=-1)).sum(-1) * weight).mean()
 
 
@@ -155,14 +173,18 @@ def detcon_loss(
     temperature: float,
     dist: DistContext | None = None,
 ) -> Tensor:
-    """DetCon-B loss, both directions summed.
+    """DetCon-B loss as CYBORGS ``DetConBLoss`` (model/losses.py), both directions summed.
 
     pred*: B×R×D online predictions of views 1, 2; target*: B×R×D target projections (no grad);
-    pid*/tid*: B×R sampled segment ids (-1 = none). For prediction (b, r) of view a: positives are
-    view-b targets of image b with the same id (averaged when several), logits of view-a targets
-    of image b with the same id and targets without a segment (-1) are masked out, all other
-    gathered targets are negatives; each
-    term is weighted by [has a positive] / (number of view-a samples of that id in image b).
+    pid*/tid*: B×R segment ids of the online / target samples, drawn independently (-1 = none).
+    For prediction (b, r) of view a: positives are view-b targets of image b with the same id
+    (their log-probabilities averaged), logits of view-a targets of image b with the same id are
+    masked out, all other gathered targets are negatives. Each term is weighted by
+    [has a positive] / obj_area, obj_area = the number of *online* view-a samples of image b with
+    that id (the official ``same_obj(pind1, pind1)``; 1 whenever ids are drawn without
+    replacement); the terms are averaged over B·R. Our addition for ids -1 (views without any
+    segment, which the official data never has): such targets are masked out of the logits and
+    such predictions carry zero weight.
     """
     dist = dist or DistContext()
     p1, p2 = F.normalize(pred1.float(), dim=-1), F.normalize(pred2.float(), dim=-1)
@@ -197,9 +219,7 @@ class MaskFile:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             return MaskFile(**{k: blob[k] for k in ("masks", "checksums", "round", "source")})
         except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-            raise DatasetError(
-                f"{path}: not a cropbench mask file (masks, checksums, round, source): {e}"
-            ) from e
+            raise DatasetError(f"{path}: not a cropbench mask file (masks, checksums, round, source): {e}") from e
 
 
 class MaskedImages(Dataset):
@@ -216,14 +236,11 @@ class MaskedImages(Dataset):
         n, s = len(self.checksums), self.image_size
         if mf.masks.dim() != 3 or mf.masks.shape[0] != n:
             raise DatasetError(
-                f"{path}: masks has shape {tuple(mf.masks.shape)}, "
-                f"expected {n}×h×w for the {n} training images"
+                f"{path}: masks has shape {tuple(mf.masks.shape)}, expected {n}×h×w for the {n} training images"
             )
         h, w = mf.masks.shape[1:]
         if s % h or s % w:
-            raise DatasetError(
-                f"{path}: mask resolution {h}×{w} does not divide the {s}×{s} canvas"
-            )
+            raise DatasetError(f"{path}: mask resolution {h}×{w} does not divide the {s}×{s} canvas")
         lo, hi = int(mf.masks.min()), int(mf.masks.max())
         if lo < -1 or hi >= self.num_segments:
             raise DatasetError(
