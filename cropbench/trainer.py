@@ -12,8 +12,16 @@
 Determinism: the data order is a function of (seed, epoch) and the view randomness a function of
 (seed, global step, rank), so ``--resume`` continues exactly where an uninterrupted run would be
 (bit-identical on CPU). Data-parallel: gradients are all-reduced explicitly (one flat buffer);
-BatchNorm is synchronised with SyncBN on CUDA and stays per-process on CPU (torch's SyncBN has no
-CPU kernel).
+BatchNorm follows each method's ``batchnorm`` declaration (its official code): "sync" methods are
+converted to SyncBN on CUDA; on CPU (gloo) torch's SyncBN has no kernel, so their BN stays per
+process there (a warning says so). "shuffle" (MoCo family) does shuffle-BN in the method, "local"
+is per process.
+
+Logs: every ``log_every`` steps a metrics.jsonl row holds the step's loss and the mean of each
+scalar the method logged (loss components ``loss_*``, match accuracy, ...) over the steps since
+the previous row (or the epoch start). The summary carries each ``loss_*`` component's first and
+last row value (``loss_dense_first`` / ``loss_dense_last``): means over the first and last logged
+windows.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +43,7 @@ from tqdm import tqdm
 
 from cropbench.data.images import collate_images
 from cropbench.dist import DistContext, all_reduce_grads, all_reduce_mean
-from cropbench.errors import TrainingError
+from cropbench.errors import CheckpointError, TrainingError
 from cropbench.methods.base import SSLMethod
 from cropbench.optim import build_optimizer, lr_at, named_params, set_lr
 from cropbench.recipe import Recipe
@@ -52,6 +61,7 @@ class TrainResult:
     images_per_s: float
     wall_s: float
     checkpoint: Path
+    components: dict[str, float] = field(default_factory=dict)  # loss_<c>_first / _last
 
     def summary(self) -> dict[str, float]:
         return {
@@ -61,7 +71,63 @@ class TrainResult:
             "steps": float(self.steps),
             "images_per_s": self.images_per_s,
             "wall_s": self.wall_s,
+            **self.components,
         }
+
+
+def loss_components(history: list[dict[str, Any]]) -> dict[str, float]:
+    """``loss_<c>_first`` / ``loss_<c>_last`` for every ``loss_<c>`` key of the step rows of
+    metrics.jsonl: its value in the first and in the last row that has it (window means)."""
+    out: dict[str, float] = {}
+    for row in (r for r in history if "loss" in r):
+        for k in (k for k in row if k.startswith("loss_")):
+            out.setdefault(f"{k}_first", row[k])
+            out[f"{k}_last"] = row[k]
+    return dict(sorted(out.items()))
+
+
+def convert_batchnorm(method: SSLMethod, device: torch.device, dist: DistContext, quiet: bool) -> SSLMethod:
+    """SyncBN where the method's official code uses global BN (``batchnorm == "sync"``), on CUDA and
+    several processes; on CPU torch has no SyncBN kernel, so BN stays per process (said once).
+    "shuffle" (MoCo family: shuffle-BN inside the method) and "local" methods are left as they are."""
+    if not dist.enabled or method.batchnorm != "sync":
+        return method
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if not quiet and dist.is_main:
+        print(
+            f"note: {type(method).__name__} uses global BatchNorm (SyncBN) in its official code; "
+            "torch has no SyncBN on CPU, so BatchNorm statistics stay per process here",
+            file=sys.stderr,
+        )
+    return method
+
+
+class LogWindow:
+    """Running sums of a method's step logs since the last metrics row, kept on the device (no
+    host sync per step); NaN values (e.g. no matchable cell) are left out of the mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            v = torch.as_tensor(v).detach().double()
+            ok = ~torch.isnan(v)
+            self.sums[k] = self.sums.get(k, 0) + torch.where(ok, v, 0.0)
+            self.counts[k] = self.counts.get(k, 0) + ok.double()
+
+    def means(self, dist: DistContext) -> dict[str, float]:
+        """The window's means over steps and processes (one all-reduce); then the window restarts."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        dev = self.sums[keys[0]].device
+        sums = all_reduce_mean(torch.stack([self.sums[k].to(dev) for k in keys]), dist)
+        counts = all_reduce_mean(torch.stack([self.counts[k].to(dev) for k in keys]), dist)
+        self.sums, self.counts = {}, {}
+        return {k: float(v) for k, v in zip(keys, (sums / counts).tolist(), strict=True)}
 
 
 @dataclass
@@ -90,6 +156,51 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_PLAIN = (str, int, float, bool, type(None), Tensor, torch.Size)
+
+
+def check_plain(obj: Any, path: str = "checkpoint") -> None:
+    """Raise naming the first value that is not a tensor or plain data (dict, list, tuple, str,
+    number, bool, None): checkpoints hold only what ``torch.load(weights_only=True)`` reads."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str | int):
+                raise TrainingError(f"{path}: key {k!r} is a {type(k).__name__}, not a str or int")
+            check_plain(v, f"{path}[{k!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{path}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TrainingError(f"{path} is a {type(obj).__name__}; checkpoints store only tensors and plain data")
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain data only, so a crafted file never runs
+    code. Anything unreadable is a ``CheckpointError`` naming the file."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if why is None:  # not a refused object: a damaged file
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (corrupt or truncated: {e}); "
+                "delete it to start this run from scratch"
+            ) from e
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain data ({why}); cropbench "
+            "loads checkpoints with weights_only=True because unpickling such objects can run code"
+        ) from e
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt or truncated: {type(e).__name__} {first}); "
+            "delete it to start this run from scratch"
+        ) from e
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found a {type(blob).__name__}")
+    return blob
+
+
 def views_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The RNG a method draws its views from: a pure function of (seed, step, rank)."""
     g = torch.Generator(device=device)
@@ -112,8 +223,7 @@ class Trainer:
         dist_ctx = dist_ctx or DistContext()
         self.device, self.dist, self.quiet = device, dist_ctx, quiet
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if device.type == "cuda" and dist_ctx.enabled:
-            method = self.method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        method = self.method = convert_batchnorm(method, device, dist_ctx, quiet)
         method.to(device)
         if device.type == "cuda" and recipe.train.channels_last and method.modality == "image":
             method.to(memory_format=torch.channels_last)
@@ -179,35 +289,39 @@ class Trainer:
             "backbone": self.recipe.backbone,
             "backbone_args": dict(self.recipe.backbone_args),
             "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.hash(),
+            "recipe_hash": self.recipe.pretrain_hash(),  # eval settings are not part of it
             "finished": s.epoch >= self.recipe.train.epochs,
         }
+        check_plain(blob)
         save_atomic(blob, self.checkpoint_path())
         write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(h, sort_keys=True) + "\n" for h in s.history))
 
     def load(self, path: Path | None = None) -> bool:
-        """Restore the last checkpoint; False when there is none. A recipe mismatch is an error."""
+        """Restore the last checkpoint (weights_only); False when there is none. A checkpoint of
+        another pretraining recipe, or one that does not fit this model, is an error naming it."""
         path = path or self.checkpoint_path()
         if not path.exists():
             return False
-        blob = torch.load(path, map_location=self.device, weights_only=False)
-        if blob.get("recipe_hash") != self.recipe.hash():
-            raise TrainingError(
-                f"{path} was written by a different recipe (hash {blob.get('recipe_hash')} != "
-                f"{self.recipe.hash()}); start without --resume or use another --out"
+        blob = read_checkpoint(path, self.device)
+        if blob.get("recipe_hash") != self.recipe.pretrain_hash():
+            raise CheckpointError(
+                f"{path} was written by a different recipe (pretraining hash {blob.get('recipe_hash')} != "
+                f"{self.recipe.pretrain_hash()}); start without --resume or use another --work-dir"
             )
-        self.method.load_state_dict(blob["method"])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.state = _State(
-            blob["epoch"],
-            blob["step"],
-            blob["loss_first"],
-            blob["loss_last"],
-            blob["images"],
-            blob["train_s"],
-            list(blob["history"]),
-        )
+        try:
+            self.method.load_state_dict(blob["method"])
+            self.optimizer.load_state_dict(blob["optimizer"])
+            keys = ("epoch", "step", "loss_first", "loss_last", "images", "train_s")
+            self.state = _State(*(blob[k] for k in keys), list(blob["history"]))
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run's model ({type(e).__name__}: {e})") from e
+        self._say(f"resumed from {path} at epoch {self.state.epoch} of {self.recipe.train.epochs}")
         return True
+
+    def _say(self, msg: str) -> None:
+        """A log line on stderr on its own line (never on a progress bar's)."""
+        if not self.quiet and self.dist.is_main:
+            tqdm.write(msg, file=sys.stderr)
 
     # ----------------------------------------------------------------- loop
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
@@ -248,10 +362,12 @@ class Trainer:
             file=sys.stderr,
         )
         t0, n0, losses = time.perf_counter(), s.images, []
+        window = LogWindow()  # the method's step logs since the last metrics row (or epoch start)
         for i, batch in enumerate(self._loader(epoch)):
             if i >= self.steps_per_epoch:
                 break
             loss_t, logs = self._step(batch)
+            window.add(logs)
             if self.device.type == "cpu" or s.step == 0 or (s.step + 1) % tc.log_every == 0:
                 # a host sync: every step on CPU (free), every log_every steps on CUDA
                 loss = all_reduce_mean(loss_t, self.dist).item()
@@ -270,7 +386,7 @@ class Trainer:
                         "loss": losses[-1],
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "images_per_s": round(ips, 2),
-                        **{k: float(v) for k, v in logs.items()},
+                        **window.means(self.dist),
                     }
                 )
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
@@ -309,4 +425,5 @@ class Trainer:
             s.images / max(1e-9, s.train_s),
             s.train_s,
             self.checkpoint_path(),
+            loss_components(s.history),
         )

@@ -90,6 +90,9 @@ class StepOutput:
     logs: dict[str, float] = field(default_factory=dict)  # extra scalars for the metrics log
 
 
+BATCHNORM_MODES = ("sync", "shuffle", "local")  # values of ``SSLMethod.batchnorm``
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may know about the run it is part of."""
@@ -111,6 +114,11 @@ class SSLMethod(nn.Module, abc.ABC):
 
     Config: ClassVar[type]
     modality: ClassVar[str] = "image"
+    # How BatchNorm statistics are shared between processes, declared per method as its official
+    # code does it (the trainer reads it; each subclass cites its source): "sync" = SyncBN over all
+    # processes (global BN), "shuffle" = MoCo's shuffle-BN for the key encoder and per-process BN
+    # elsewhere, "local" = per-process BN. On CPU (gloo) torch has no SyncBN: "sync" runs local.
+    batchnorm: ClassVar[str] = "local"
 
     def __init__(self, cfg: Any, backbone: nn.Module, ctx: MethodContext):
         super().__init__()

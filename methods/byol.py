@@ -27,6 +27,9 @@ def byol_views() -> ViewConfig:
 
 @METHODS.register("byol")
 class BYOL(SSLMethod):
+    # global BN: hk.BatchNorm(cross_replica_axis="i") [deepmind-research@3d8692e byol/configs/byol.py]
+    batchnorm = "sync"
+
     @dataclass(frozen=True)
     class Config:
         views: ViewConfig = field(default_factory=byol_views)  # shared part of the two views

@@ -1,20 +1,26 @@
 """MoCo v2 (Chen, Fan, Girshick, He 2020, arXiv 2003.04297): momentum key encoder, a queue of
 negative keys, InfoNCE at τ = 0.2, MLP head and blur augmentation.
 
-Shuffle-BN: on several processes the key batch is shuffled across processes before the key
-encoder and un-shuffled after (``momentum.batch_shuffle``), as MoCo does; this matters where BN is
-per process (the trainer's CPU/gloo runs). On one process it is a no-op, as in MoCo single-GPU
-training (BN statistics do not depend on the order within a batch). Under the trainer's SyncBN
-(CUDA, several processes) BN statistics are global and the shuffle only costs one all-gather.
+Shuffle-BN (MoCo §3.3): the key batch is shuffled before the key encoder and un-shuffled after,
+with BatchNorm statistics per group of global batch / ``shuffle_bn_splits`` samples, as MoCo's 8
+GPUs. Across processes the shuffle is MoCo's ``_batch_shuffle_ddp`` (``momentum.batch_shuffle``);
+on one process the groups are emulated by running the key encoder on each group of a randomly
+permuted batch (``momentum.shuffle_bn_forward``), as the official single-GPU demo does with
+SplitBatchNorm; that demo reports about 4 points lost without shuffle-BN. The query encoder's
+BatchNorm stays per process (official: per GPU). ``batchnorm = "shuffle"``: the trainer never
+converts these methods to SyncBN (the official code has none).
 
-The parts are separate so DenseCL / RegionCL / HoughCL subclasses reuse them:
-``encode_query`` / ``encode_key`` (shuffle-BN across processes), ``instance_loss`` against the
-queue, ``enqueue``, and ``momentum_pairs`` (extend it to momentum-update extra heads).
+The parts are separate so DenseCL / RegionCL / HoughCL / video subclasses reuse them:
+``encode_query`` / ``encode_key`` (``key_forward`` runs any key-encoder function under
+shuffle-BN), ``instance_loss`` against the queue, ``enqueue``, and ``momentum_pairs`` (extend it
+to momentum-update extra heads).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +30,12 @@ from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOut
 from cropbench.methods.heads import mocov2_projector, simclr_projector
 from cropbench.methods.losses import info_nce
 from cropbench.methods.momentum import (
+    KeyOut,
     Queue,
-    batch_shuffle,
-    batch_unshuffle,
+    bn_groups_per_process,
     ema_update,
     momentum_copy,
+    shuffle_bn_forward,
 )
 from cropbench.methods.views import ViewConfig, make_view
 from cropbench.registry import METHODS
@@ -36,25 +43,30 @@ from cropbench.registry import METHODS
 
 @METHODS.register("mocov2")
 class MoCoV2(SSLMethod):
+    # shuffle-BN, no SyncBN [facebookresearch/moco@3631be0 moco/builder.py _batch_shuffle_ddp]
+    batchnorm: ClassVar[str] = "shuffle"
+
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(
-            default_factory=ViewConfig
-        )  # MoCo v2 aug_plus = ViewConfig defaults
+        views: ViewConfig = field(default_factory=ViewConfig)  # MoCo v2 aug_plus = ViewConfig defaults
         hidden_dim: int = 2048  # MLP 2048-2048-128 (MoCo v2)
         out_dim: int = 128  # moco --moco-dim default
         temperature: float = 0.2  # --moco-t 0.2 for MoCo v2 (v1 default 0.07)
         queue_size: int = 65536  # --moco-k default
         momentum: float = 0.999  # --moco-m default
-        shuffle_bn: bool = (
-            True  # shuffle keys across processes before the key encoder (no-op on one)
-        )
+        shuffle_bn: bool = True  # MoCo's shuffle-BN for the key encoder (False: plain BN)
+        # BatchNorm groups of the global key batch: MoCo trains on 8 GPUs (BN over 32 of 256
+        # images each); the official 1-GPU demo emulates them with --bn-splits 8
+        # [facebookresearch/moco@f736491 colab/moco_cifar10_demo.ipynb]. 1 = BN over the batch.
+        shuffle_bn_splits: int = 8
         # BatchNorm in the projector (Linear-BN-ReLU-Linear-BN, as SimCLR / MoCo v3), not MoCo v2's
         # plain MLP: off at paper scale; micro turns it on (see the mocov2 entry's deviations)
         projector_bn: bool = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
+        if cfg.shuffle_bn:
+            bn_groups_per_process(cfg.shuffle_bn_splits, ctx.dist.world_size)  # fail early
         head = simclr_projector if cfg.projector_bn else mocov2_projector
         self.projector = head(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
         self.key_backbone = momentum_copy(backbone)
@@ -69,13 +81,17 @@ class MoCoV2(SSLMethod):
         return F.normalize(self.projector(self.backbone(x)), dim=1)
 
     @torch.no_grad()
+    def key_forward(self, fn: Callable[[Tensor], KeyOut], x: Tensor, generator: torch.Generator) -> KeyOut:
+        """A key-encoder function (N×… -> per-sample outputs) under shuffle-BN when enabled."""
+        if not self.cfg.shuffle_bn:
+            return fn(x)
+        return shuffle_bn_forward(fn, x, self.ctx.dist, generator, self.cfg.shuffle_bn_splits)
+
+    @torch.no_grad()
     def encode_key(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """B×3×h×w -> B×out_dim unit keys of the momentum encoder (shuffle-BN if multi-process)."""
-        x, unshuffle = (
-            batch_shuffle(x, self.ctx.dist, generator) if self.cfg.shuffle_bn else (x, None)
-        )
-        k = F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
-        return batch_unshuffle(k, unshuffle, self.ctx.dist)
+        """B×3×h×w -> B×out_dim unit keys of the momentum encoder, under shuffle-BN."""
+        net = lambda t: F.normalize(self.key_projector(self.key_backbone(t)), dim=1)  # noqa: E731
+        return self.key_forward(net, x, generator)
 
     def instance_loss(self, q: Tensor, k: Tensor) -> Tensor:
         """InfoNCE of q against its key and the queue (a snapshot, so enqueueing after is safe)."""

@@ -1,4 +1,8 @@
-"""SimCLR (Chen et al. 2020, arXiv 2002.05709): two views, NT-Xent, 2N − 2 in-batch negatives."""
+"""SimCLR (Chen et al. 2020, arXiv 2002.05709): two views, NT-Xent, 2N − 2 in-batch negatives.
+
+The loss is the paper's eq. 1 (mean over the 2N anchors); the official code's is twice that (sum
+of the two views' means, ``losses.nt_xent``), a constant factor on loss and gradient.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +20,13 @@ from cropbench.registry import METHODS
 
 def simclr_views() -> ViewConfig:
     """SimCLR ImageNet views: crop scale 0.08, colour strength 1 (0.8·(1, 1, 1, 0.25)), blur 0.5."""
-    return ViewConfig(
-        scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5
-    )
+    return ViewConfig(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
 
 
 @METHODS.register("simclr")
 class SimCLR(SSLMethod):
+    batchnorm = "sync"  # global BN: --global_bn True [google-research/simclr@383d414 run.py]
+
     @dataclass(frozen=True)
     class Config:
         views: ViewConfig = field(default_factory=simclr_views)  # SimCLR paper appendix A

@@ -21,6 +21,8 @@ from cropbench.registry import METHODS
 
 @METHODS.register("simsiam")
 class SimSiam(SSLMethod):
+    batchnorm = "sync"  # convert_sync_batchnorm [facebookresearch/simsiam@a7bc177 main_simsiam.py]
+
     @dataclass(frozen=True)
     class Config:
         views: ViewConfig = field(default_factory=ViewConfig)  # SimSiam uses MoCo v2's augmentation

@@ -44,21 +44,17 @@ class VideoViews:
         need = max(vc.span for vc in self.view_configs)
         if self.cfg.window < need:
             raise ConfigError(
-                f"params.window: {self.cfg.window} frames, but a view needs {need} "
-                "((frames - 1) * stride + 1)"
+                f"params.window: {self.cfg.window} frames, but a view needs {need} ((frames - 1) * stride + 1)"
             )
         return with_window(dataset, Window(self.cfg.window, 1))
 
     def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
-        return [
-            make_video_view(batch.video, vc, generator, looped=batch.looped)
-            for vc in self.view_configs
-        ]
+        return [make_video_view(batch.video, vc, generator, looped=batch.looped) for vc in self.view_configs]
 
 
 @METHODS.register("vsimclr")
 class VideoSimCLR(VideoViews, SimCLR):
-    """SimCLR's NT-Xent over two clips of each video."""
+    """SimCLR's NT-Xent over two clips of each video. BatchNorm: SimCLR's global BN (inherited)."""
 
     @dataclass(frozen=True)
     class Config:
@@ -75,7 +71,10 @@ class VideoSimCLR(VideoViews, SimCLR):
 
 @METHODS.register("vmoco")
 class VideoMoCoV2(VideoViews, MoCoV2):
-    """MoCo v2 (momentum key encoder, queue, InfoNCE) over two clips of each video."""
+    """MoCo v2 (momentum key encoder, queue, InfoNCE) over two clips of each video.
+
+    BatchNorm: MoCo v2's shuffle-BN (``batchnorm = "shuffle"``, inherited), as the image method.
+    """
 
     @dataclass(frozen=True)
     class Config:
@@ -86,7 +85,8 @@ class VideoMoCoV2(VideoViews, MoCoV2):
         temperature: float = 0.2  # MoCo v2
         queue_size: int = 65536  # MoCo v2 (K)
         momentum: float = 0.999  # MoCo v2 (m)
-        shuffle_bn: bool = True
+        shuffle_bn: bool = True  # MoCo's shuffle-BN for the key encoder (MoCoV2.Config)
+        shuffle_bn_splits: int = 8  # BN groups of the key batch: MoCo's 8 GPUs (MoCoV2.Config)
         projector_bn: bool = False  # MoCoV2's option (BN projector); MoCo v2's plain MLP here
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
@@ -99,6 +99,7 @@ class VideoBYOL(VideoViews, BYOL):
     """BYOL (online predictor regresses an EMA target) over two clips of each video.
 
     BYOL's asymmetric blur / solarize probabilities apply to the per-clip image part.
+    BatchNorm: BYOL's global BN (``batchnorm = "sync"``, inherited).
     """
 
     @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from cropbench.registry import METHODS
 BASELINES = ("simclr", "mocov2", "byol", "simsiam")
 TINY = {  # head sizes for a fast test; everything else is the paper default
     "simclr": {"hidden_dim": 32, "out_dim": 16},
-    "mocov2": {"hidden_dim": 32, "out_dim": 16, "queue_size": 40},
+    "mocov2": {"hidden_dim": 32, "out_dim": 16, "queue_size": 40, "shuffle_bn_splits": 2},  # 8 = 4 per BN group
     "byol": {"hidden_dim": 32, "out_dim": 16},
     "simsiam": {"dim": 32, "pred_dim": 8},
 }

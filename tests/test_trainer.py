@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(tmp_path: P
     interrupted._epoch = epoch_then_crash  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["epoch"] == 1
 
     resumed = _trainer(tmp_path / "cut", data_root)
     res_resumed = resumed.fit(resume=True)
@@ -78,7 +79,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     trainer.method.training_step = poisoned  # type: ignore[method-assign]
     with pytest.raises(TrainingError, match="non-finite loss .* epoch 2, step 3.*last good checkpoint"):
         trainer.fit()
-    blob = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    blob = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert blob["epoch"] == 1 and not blob["finished"]
     assert all(torch.isfinite(v).all() for v in blob["encoder"].values() if v.is_floating_point())
 
@@ -111,3 +112,49 @@ def test_lars_step_matches_the_formula() -> None:
     d = g + 0.1 * w0
     expected = w0 - 0.5 * (0.01 * w0.norm() / d.norm()) * d
     assert torch.allclose(w.detach(), expected, atol=1e-6)
+
+
+def test_metrics_rows_hold_every_loss_component_and_the_summary_its_first_and_last(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """Each metrics.jsonl step row holds the mean of every logged component over the steps since
+    the previous row; the summary (the record's ``pretrain``) has ``loss_<c>_first`` / ``_last``."""
+    dense = {
+        **TINY,
+        "method": "densecl",
+        "params": {**TINY["params"], "dense_hidden_dim": 16, "queue_size": 64, "shuffle_bn_splits": 2},
+        "train": {**TINY["train"], "max_steps_per_epoch": 3, "log_every": 2},  # 3 steps per epoch
+    }
+    recipe = from_dict(Recipe, dense)
+    ds = build_train_set(recipe, data_root)
+    method = build_method(recipe, method_context(recipe, len(ds), DistContext()))
+    trainer = Trainer(method, ds, recipe, tmp_path, torch.device("cpu"), quiet=True)
+    seen: list[dict[str, float]] = []
+    step_fn = method.training_step
+
+    def recording(batch, step, gen):  # type: ignore[no-untyped-def]
+        out = step_fn(batch, step, gen)
+        seen.append({k: float(v) for k, v in out.logs.items()})
+        return out
+
+    method.training_step = recording  # type: ignore[method-assign]
+    summary = trainer.fit().summary()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6] and len(seen) == 6
+    # the window restarts at each epoch (so --resume gives the same rows): step 3 is in no row
+    windows = {2: seen[0:2], 4: seen[3:4], 6: seen[4:6]}
+    for row in steps:
+        for key in ("loss_global", "loss_dense", "match_acc"):
+            window = [v[key] for v in windows[row["step"]]]
+            assert row[key] == pytest.approx(sum(window) / len(window), rel=1e-9), (row["step"], key)
+    assert seen[0]["loss_dense"] != seen[1]["loss_dense"]  # so a single step's value would differ
+    assert {k for k in summary if k.startswith("loss_") and k not in ("loss_first", "loss_last")} == {
+        "loss_global_first",
+        "loss_global_last",
+        "loss_dense_first",
+        "loss_dense_last",
+    }
+    assert summary["loss_dense_first"] == steps[0]["loss_dense"]
+    assert summary["loss_dense_last"] == steps[-1]["loss_dense"]
+    assert summary["loss_global_last"] == steps[-1]["loss_global"]

@@ -120,9 +120,12 @@ def test_videomoco_queue_age_counts_iterations():
     ]  # slots 8-11: initial keys, oldest
 
 
-def test_drop_frames_forward_and_straight_through_gradient():
+def test_drop_frames_forward_and_official_custom_backward():
+    """tinapan-pt/VideoMoCo@42e069a moco/builder.py ``VideoTopk``: forward replaces the k
+    lowest-scoring frames by their mean over (C, H, W); backward returns no clip gradient and
+    ``grad_list = torch.sum(grad_output, dim=(1, 3, 4))`` for the scores (all frames)."""
     torch.manual_seed(1)
-    x = torch.rand(2, 3, 5, 4, 4)
+    x = torch.rand(2, 3, 5, 4, 4, requires_grad=True)
     logits = torch.randn(2, 5, requires_grad=True)
     scores = torch.softmax(logits, dim=1)
     out, dropped = drop_frames(x, scores, drop=2)
@@ -133,12 +136,83 @@ def test_drop_frames_forward_and_straight_through_gradient():
             ref = torch.full_like(x[b, :, t], x[b, :, t].mean().item()) if t in low else x[b, :, t]
             assert torch.allclose(out[b, :, t], ref, atol=1e-6)
     g = torch.randn_like(out)
-    (grad,) = torch.autograd.grad((out * g).sum(), scores)
-    means = x.mean(dim=(1, 3, 4), keepdim=True)
-    expected = -5 * ((means - x) * g).sum(
-        dim=(1, 3, 4)
-    )  # d out / d mask = mean − x, d mask / d s = −T
-    assert torch.allclose(grad, expected, atol=1e-5)
+    (grad,) = torch.autograd.grad((out * g).sum(), scores, retain_graph=True)
+    naive = torch.zeros(2, 5)
+    for b in range(2):
+        for t in range(5):
+            naive[b, t] = sum(g[b, c, t, i, j] for c in range(3) for i in range(4) for j in range(4))
+    assert torch.allclose(grad, naive, atol=1e-5)
+    assert torch.autograd.grad((out * g).sum(), x, allow_unused=True)[0] is None  # grad_im = None
+
+
+def _videomoco_pair(**params: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import copy
+
+    m = _method("videomoco", queue_size=16, shuffle_bn_splits=2, drop=2, adversarial_from=0.0, **params)
+    return m, copy.deepcopy(m)
+
+
+def _reference_forward(ref: torch.nn.Module, batch: VideoBatch, seed: int, x_fake_leaf: bool):
+    """The step written out by hand: views, generator scores, frame drop, query, key, InfoNCE."""
+    gen = torch.Generator().manual_seed(seed)
+    v_q, v_k = ref.make_views(batch, gen)
+    raw = ref.generator(v_q.tensor)
+    with torch.no_grad():
+        q_real = F.normalize(ref.encode_query(v_q.tensor), dim=1)
+    x_fake = drop_frames(v_q.tensor, raw, 2)[0]
+    if x_fake_leaf:
+        x_fake = x_fake.detach().requires_grad_()
+    q = ref.encode_query(x_fake)
+    info = ref.instance_loss(q, ref.encode_key(v_k.tensor, gen))
+    return raw, x_fake, q, q_real, info
+
+
+def test_videomoco_generator_gets_the_reversed_official_topk_gradient():
+    """Paper objective ("reverse"): d loss / d scores = −w · Σ_{c,h,w} d InfoNCE / d x_fake, the
+    official VideoTopk backward (tinapan-pt/VideoMoCo@42e069a moco/builder.py) behind a gradient
+    reversal of strength w: the generator ascends the loss the encoder descends."""
+    m, ref = _videomoco_pair(generator_weight=0.5)
+    batch = _batch(32)
+    captured = []
+
+    def keep(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        out.retain_grad()
+        captured.append(out)
+
+    m.generator.register_forward_hook(keep)
+    m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.backward()
+    _, x_fake, _, _, info = _reference_forward(ref, batch, 3, x_fake_leaf=True)
+    (gx,) = torch.autograd.grad(info, x_fake)
+    naive = torch.tensor([[-0.5 * gx[b, :, t].sum().item() for t in range(8)] for b in range(4)])
+    assert naive.abs().min() > 0
+    assert torch.allclose(captured[0].grad, naive, rtol=1e-4, atol=1e-7)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+
+
+def test_videomoco_official_generator_loss_is_l1_plus_infonce_and_spares_the_encoder():
+    """generator_loss "official" (tinapan-pt/VideoMoCo@42e069a train.py): the generator steps on
+    ∇[−100·L1(q_fake, q_real)] + ∇InfoNCE (loss_d.backward() accumulates into netG before
+    optimizer_g.step()); the encoder on ∇InfoNCE only (netD is frozen for loss_g)."""
+    m, ref = _videomoco_pair(generator_loss="official")
+    batch = _batch(32)
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(3))
+    out.loss.backward()
+    _, _, q, q_real, info = _reference_forward(ref, batch, 3, x_fake_leaf=False)
+    l1 = F.l1_loss(F.normalize(q, dim=1), q_real)
+    assert torch.allclose(out.logs["loss_generator_l1"], l1.detach())
+    gen_ref = torch.autograd.grad(info - 100 * l1, list(ref.generator.parameters()), retain_graph=True)
+    enc = [n for n, p in ref.named_parameters() if p.requires_grad and not n.startswith("generator.")]
+    params = [dict(ref.named_parameters())[n] for n in enc]
+    enc_ref = torch.autograd.grad(info, params, allow_unused=True, retain_graph=True)
+    for p, r in zip(m.generator.parameters(), gen_ref, strict=True):
+        assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-6)
+    named = dict(m.named_parameters())
+    for n, r in zip(enc, enc_ref, strict=True):
+        if r is not None:
+            assert torch.allclose(named[n].grad, r, rtol=1e-4, atol=1e-6), n
+    # the L1 term matters: without it the generator's gradient differs
+    only_info = torch.autograd.grad(info, list(ref.generator.parameters()), allow_unused=True)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(gen_ref, only_info, strict=True) if b is not None)
 
 
 def test_grad_reverse_negates_and_scales_the_gradient():
@@ -238,14 +312,22 @@ def test_brave_views_start_together_and_diff_is_a_frame_difference():
     assert torch.equal(frame_differences(x), torch.ones(1, 2, 3, 2, 2))
 
 
-def test_brave_predictor_learning_rate_is_scaled():
-    m = _method("brave")
+def test_brave_predictor_gradient_is_scaled_before_the_optimizer():
+    """deepmind/brave@0ae20d9:brave/training/optimizers.py chains ``_scale_by_module_name``
+    ((r'.*predictor.*', 10.0), brave/models/brave/config.py) *before* ``optax.lars``: the
+    predictor's gradients are x10 (so LARS's trust ratio normalises most of it), not its lr."""
+    grads = {}
+    for scale in (1.0, 10.0):
+        m = _method("brave", predictor_grad_scale=scale)
+        m.training_step(_batch(), 0, torch.Generator().manual_seed(1)).loss.backward()
+        grads[scale] = [[p.grad.clone() for p in mod.parameters()] for mod in (m.predictor, m.projector)]
+    for a, b in zip(grads[1.0][0], grads[10.0][0], strict=True):
+        assert torch.allclose(b, 10 * a, rtol=1e-5, atol=1e-8) and a.abs().sum() > 0
+    for a, b in zip(grads[1.0][1], grads[10.0][1], strict=True):
+        assert torch.equal(a, b)  # only the predictor's own parameters are scaled
     opt = build_optimizer(m.param_groups(), named_params(m), OptimConfig(), 0.1)
     set_lr(opt, 0.05, 0.1)
-    pred = {id(p) for p in m.predictor.parameters()}
-    for group in opt.param_groups:
-        is_pred = all(id(p) in pred for p in group["params"])
-        assert group["lr"] == pytest.approx(0.5 if is_pred else 0.05)
+    assert all(g["lr"] == pytest.approx(0.05) for g in opt.param_groups)  # one lr for all
 
 
 def test_videomoco_query_and_key_share_their_clip():
@@ -275,7 +357,7 @@ def test_the_list_covers_every_registered_video_method():
 
 @pytest.mark.parametrize("name", VIDEO_METHODS)
 def test_every_video_method_takes_a_finite_training_step(name, tmp_path):
-    params = {"queue_size": 16} if "moco" in name else {}
+    params = {"queue_size": 16, "shuffle_bn_splits": 2} if "moco" in name else {}  # batch 4
     if name == "videomoco":
         params.update(drop=2, adversarial_from=0.0)
     m = _method(name, **params)
