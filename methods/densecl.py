@@ -26,10 +26,11 @@ from cropbench.methods.dense import (
     dense_infonce,
     geometric_truth,
     match_accuracy,
+    same_cell_rate,
     wta_match,
 )
 from cropbench.methods.mocov2 import MoCoV2
-from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle, momentum_copy
+from cropbench.methods.momentum import Queue, momentum_copy
 from cropbench.registry import METHODS
 
 
@@ -49,10 +50,14 @@ class DenseCL(MoCoV2):
     class Config(MoCoV2.Config):
         dense_hidden_dim: int = 2048  # DenseCLNeck conv1x1 width (= C5 channels of R50)
         dense_weight: float = 0.5  # λ: loss = (1-λ)·global + λ·dense (DenseCL loss_lambda)
+        # BatchNorm in the dense head (conv-BN-ReLU-conv-BN, as ``projector_bn`` for the global
+        # head), not DenseCL's conv-ReLU-conv: off at paper scale; micro turns it on (see the
+        # densecl entry's deviations)
+        dense_bn: bool = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
-        self.dense_head = DenseHead(backbone.feat_dim, cfg.dense_hidden_dim, cfg.out_dim)
+        self.dense_head = DenseHead(backbone.feat_dim, cfg.dense_hidden_dim, cfg.out_dim, bn=cfg.dense_bn)
         self.key_dense_head = momentum_copy(self.dense_head)
         self.dense_queue = Queue(cfg.queue_size, cfg.out_dim)
 
@@ -70,14 +75,15 @@ class DenseCL(MoCoV2):
 
     @torch.no_grad()
     def encode_key_dense(self, x: Tensor, generator: torch.Generator) -> DenseOutput:
-        """B×3×h×w -> momentum-encoder outputs (shuffle-BN across processes when enabled)."""
-        shuffled, unshuffle = (x, None)
-        if self.cfg.shuffle_bn:
-            shuffled, unshuffle = batch_shuffle(x, self.ctx.dist, generator)
-        c5 = self.key_backbone.forward_stages(shuffled)[-1]
-        out = self._heads(c5, self.key_projector, self.key_dense_head)
-        back = lambda t: batch_unshuffle(t, unshuffle, self.ctx.dist)  # noqa: E731
-        return DenseOutput(back(out.emb), back(out.grid), back(out.pooled), back(out.c5))
+        """B×3×h×w -> momentum-encoder outputs, all four from one key forward under shuffle-BN
+        (official: backbone + neck on the shuffled batch, ``_batch_shuffle_ddp``)."""
+
+        def net(t: Tensor) -> tuple[Tensor, ...]:
+            c5 = self.key_backbone.forward_stages(t)[-1]
+            out = self._heads(c5, self.key_projector, self.key_dense_head)
+            return out.emb, out.grid, out.pooled, out.c5
+
+        return DenseOutput(*self.key_forward(net, x, generator))
 
     def match(self, c5_q: Tensor, c5_k: Tensor) -> Tensor:
         """Positive key cell of every query cell (DenseCL: winner-takes-all). -> B×S² long."""
@@ -91,9 +97,7 @@ class DenseCL(MoCoV2):
         self.enqueue(k.emb)
         self.dense_queue.enqueue(k.pooled, self.ctx.dist)
 
-    def dense_step(
-        self, v_q: View, v_k: View, generator: torch.Generator
-    ) -> tuple[Tensor, dict, DenseOutput]:
+    def dense_step(self, v_q: View, v_k: View, generator: torch.Generator) -> tuple[Tensor, dict, DenseOutput]:
         """DenseCL's two terms on a view pair -> (weighted loss, logs, key outputs)."""
         q = self.encode_query_dense(v_q.tensor)
         k = self.encode_key_dense(v_k.tensor, generator)
@@ -105,6 +109,7 @@ class DenseCL(MoCoV2):
             "loss_global": loss_g.detach(),
             "loss_dense": loss_d.detach(),
             "match_acc": match_accuracy(index, truth),
+            "match_same": same_cell_rate(index),  # share matched to the same grid cell
         }  # tensors: no host sync in the step
         return (1 - lam) * loss_g + lam * loss_d, logs, k
 

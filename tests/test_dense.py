@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,7 @@ from cropbench.methods.dense import (
     offset_bins,
     wta_match,
 )
+from cropbench.recipe import load_entry
 from cropbench.registry import METHODS
 
 
@@ -97,6 +99,7 @@ def tiny_batch(n: int = 4, size: int = 64, seed: int = 0) -> ImageBatch:
 def tiny_method(name: str, **params) -> torch.nn.Module:
     cls = METHODS.get(name)
     base = {"views": {"size": 32, "blur_p": 0.0}, "hidden_dim": 32, "out_dim": 8, "queue_size": 16}
+    base["shuffle_bn_splits"] = 1  # key BN over the whole batch, as the references (test_shuffle_bn)
     if name != "regioncl_s":
         base["dense_hidden_dim"] = 16
     cfg = from_dict(cls.Config, {k: v for k, v in {**base, **params}.items() if k in _fields(cls)})
@@ -132,46 +135,159 @@ def naive_wta(c5_q: torch.Tensor, c5_k: torch.Tensor) -> list[list[int]]:
     ]
 
 
-@torch.no_grad()
-def reference_dense_loss(m, batch: ImageBatch, seed: int, matcher) -> tuple[float, torch.Tensor]:
-    """DenseCL's loss recomputed from its definition: (1-λ)·global InfoNCE + λ·dense InfoNCE with
-    the positive of each query cell given by ``matcher`` on the backbone C5 maps."""
-    v_q, v_k = m.make_views(batch, torch.Generator().manual_seed(seed))
-    c5q = m.backbone.forward_stages(v_q.tensor)[-1]
-    c5k = m.key_backbone.forward_stages(v_k.tensor)[-1]
-    q = F.normalize(m.projector(c5q.mean(dim=(2, 3))), dim=1)
-    k = F.normalize(m.key_projector(c5k.mean(dim=(2, 3))), dim=1)
-    qg = F.normalize(m.dense_head.net(c5q).flatten(2), dim=1)  # B×D×N
-    kg_map = m.key_dense_head.net(c5k)
-    kg = F.normalize(kg_map.flatten(2), dim=1)
+def _logsumexp(xs: list[torch.Tensor]) -> torch.Tensor:
+    top = max(float(x.detach()) for x in xs)
+    return top + torch.log(sum(torch.exp(x - top) for x in xs))
+
+
+def _contrastive_head(pos: torch.Tensor, negs: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """ContrastiveHead: cross-entropy of logits [pos, negs...]/τ with label 0, for one row."""
+    return -pos / tau + _logsumexp([pos / tau, *[n / tau for n in negs]])
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+def official_densecl_loss(m, batch: ImageBatch, seed: int, matcher=None):
+    """DenseCL's loss written loop by loop from the official ``forward_train``.
+
+    Source: WXinlong/DenseCL@b64bbb6e267f729d16ca558233b0ef3028857381:openselfsup/models/densecl.py
+    (``forward_train``), ``models/necks.py`` (``DenseCLNeck``: avgpool-mlp, mlp2 on the grid,
+    avgpool2 of the mlp2 output) and ``models/heads/contrastive_head.py`` (cross-entropy over
+    [l_pos, l_neg] / τ, label 0):
+
+        q, q_grid, q_b = normalize(mlp(avgpool(C5_q))), normalize(mlp2(C5_q)), normalize(C5_q)
+        ind[n, s] = argmax_t q_b[n, :, s] · k_b[n, :, t]               # backbone_sim_matrix
+        loss_single = CE([q·k, q·queue] / τ); loss_dense = CE([q_grid·k_grid[ind], q_grid·queue2] / τ)
+        loss = (1 - λ)·loss_single + λ·loss_dense;  enqueue k, normalize(avgpool2(mlp2(C5_k)))
+
+    Keys come from the method's own momentum-encoder pass (``encode_key_dense``: shuffle-BN is
+    the key encoder's business, pinned elsewhere); ``matcher(c5_q, c5_k) -> [[key cell per query
+    cell]]`` replaces the arg-max (HoughCL). Returns (loss with gradient, matches, key outputs).
+    """
+    g = torch.Generator().manual_seed(seed)
+    v_q, v_k = m.make_views(batch, g)
+    c5q = m.backbone.forward_stages(v_q.tensor)[-1]  # B×C×S×S, with gradient
+    q = m.projector(c5q.mean(dim=(2, 3)))
+    q_grid = m.dense_head.net(c5q).flatten(2)  # B×D×S² (mlp2 output before normalisation)
+    with torch.no_grad():
+        k_out = m.encode_key_dense(v_k.tensor, g)
+    b, _, n_cells = q_grid.shape
     tau, lam = m.cfg.temperature, m.cfg.dense_weight
-    loss_g = naive_infonce(q, k, m.queue.keys, tau)
-    match = matcher(c5q, c5k)
-    cells_q = torch.cat([qg[b].T for b in range(len(match))])
-    cells_k = torch.cat([kg[b][:, match[b]].T for b in range(len(match))])
-    loss_d = naive_infonce(cells_q, cells_k, m.dense_queue.keys, tau)
-    return (1 - lam) * loss_g + lam * loss_d, F.normalize(kg_map.mean(dim=(2, 3)), dim=1)
+    queue, queue2 = m.queue.keys.clone(), m.dense_queue.keys.clone()  # K×D (official: D×K)
+    single = [
+        _contrastive_head(_unit(q[n]) @ k_out.emb[n], [_unit(q[n]) @ key for key in queue], tau) for n in range(b)
+    ]
+    q_b, k_b = c5q.detach().flatten(2), k_out.c5.flatten(2)
+    matches, dense = [], []
+    for n in range(b):
+        if matcher is None:
+            ind = [
+                max(range(n_cells), key=lambda t: float(_unit(q_b[n, :, s]) @ _unit(k_b[n, :, t])))
+                for s in range(n_cells)
+            ]
+        else:
+            ind = matcher(c5q.detach()[n : n + 1], k_out.c5[n : n + 1])[0]
+        matches.append(ind)
+        for s in range(n_cells):
+            qs = _unit(q_grid[n, :, s])
+            pos = qs @ k_out.grid[n, :, ind[s]]
+            dense.append(_contrastive_head(pos, [qs @ key for key in queue2], tau))
+    loss = (1 - lam) * sum(single) / b + lam * sum(dense) / (b * n_cells)
+    return loss, matches, k_out
 
 
-def test_densecl_step_equals_the_loss_written_from_the_paper():
-    m, batch = tiny_method("densecl"), tiny_batch()
-    ref, pooled_keys = reference_dense_loss(m, batch, 3, naive_wta)
-    out = m.training_step(batch, 0, torch.Generator().manual_seed(3))
-    assert abs(out.loss.item() - ref) < 1e-4
-    assert out.loss.requires_grad and set(out.logs) >= {"loss_global", "loss_dense", "match_acc"}
-    # the dense queue received the pooled dense keys of this batch
-    assert int(m.dense_queue.ptr) == 4 and torch.allclose(
-        m.dense_queue.keys[:4], pooled_keys, atol=1e-5
-    )
-    before = m.key_dense_head.net[0].weight.clone()
+def _grads(m) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_step_equals_official(m, batch: ImageBatch, seed: int, matcher=None) -> list:
+    """One ``training_step`` against ``official_densecl_loss``: loss, every parameter's gradient,
+    the logged components and both queues. Returns the reference's matches."""
+    ref, matches, k_out = official_densecl_loss(m, batch, seed, matcher)
+    ref.backward()
+    ref_grads = _grads(m)
+    m.zero_grad(set_to_none=True)
+    queue_before, ptr = m.queue.keys.clone(), int(m.queue.ptr)
+    out = m.training_step(batch, 0, torch.Generator().manual_seed(seed))
+    assert abs(out.loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
     out.loss.backward()
-    assert (
-        m.dense_head.net[0].weight.grad is not None and m.key_dense_head.net[0].weight.grad is None
-    )
+    grads = _grads(m)
+    assert set(grads) == set(ref_grads) and any("dense_head" in k for k in grads)
+    for name, gr in grads.items():
+        scale = ref_grads[name].abs().max().clamp_min(1e-8)
+        assert (gr - ref_grads[name]).abs().max() <= 1e-4 * scale, name
+    lam = m.cfg.dense_weight  # components are logged: the trainer summarises every loss_* key
+    logged = (1 - lam) * out.logs["loss_global"] + lam * out.logs["loss_dense"]
+    assert abs(float(logged) - out.loss.item()) < 1e-5
+    n = batch.images.shape[0]  # enqueue: global keys into queue 1, pooled dense keys into queue 2
+    assert int(m.queue.ptr) == int(m.dense_queue.ptr) == ptr + n
+    assert torch.allclose(m.queue.keys[ptr : ptr + n], k_out.emb, atol=1e-6)
+    assert torch.allclose(m.dense_queue.keys[ptr : ptr + n], k_out.pooled, atol=1e-6)
+    assert torch.equal(m.queue.keys[ptr + n :], queue_before[ptr + n :])
+    return matches
+
+
+@pytest.mark.parametrize("dense_bn", [False, True])
+def test_densecl_loss_and_gradients_equal_the_official_formula(dense_bn: bool):
+    """Both queues hold random unit keys (as MoCo initialises them), so every logit counts."""
+    m, batch = tiny_method("densecl", dense_bn=dense_bn), tiny_batch()
+    assert_step_equals_official(m, batch, seed=3)
+
+
+def test_official_densecl_reference_catches_a_wrong_weight_or_matcher():
+    """The pin can fail: another λ, or identity instead of arg-max matching, moves the loss."""
+    m, batch = tiny_method("densecl"), tiny_batch()
+    ident = lambda q, k: [list(range(q.shape[2] * q.shape[3]))]  # noqa: E731
+    with torch.no_grad():
+        ref = official_densecl_loss(m, batch, seed=3)[0].item()
+        off = official_densecl_loss(m, batch, seed=3, matcher=ident)[0].item()
+        m.cfg = dataclasses.replace(m.cfg, dense_weight=0.3)
+        out = m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.item()
+    assert abs(out - ref) > 1e-3 and abs(off - ref) > 1e-3
+
+
+def test_densecl_momentum_updates_the_key_dense_head():
+    m, batch = tiny_method("densecl"), tiny_batch()
+    before = m.key_dense_head.net[0].weight.clone()
+    m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.backward()
+    assert m.dense_head.net[0].weight.grad is not None and m.key_dense_head.net[0].weight.grad is None
     m.dense_head.net[0].weight.data.add_(1.0)
     m.after_step(0)  # key dense head <- m·key + (1-m)·online
     expected = m.cfg.momentum * before + (1 - m.cfg.momentum) * m.dense_head.net[0].weight
     assert torch.allclose(m.key_dense_head.net[0].weight, expected, atol=1e-6)
+
+
+def test_dense_head_bn_is_conv_bn_relu_conv_bn_per_cell():
+    """``bn=True``: BatchNorm2d statistics over B×H×W of each channel, computed here by hand."""
+    torch.manual_seed(0)
+    head = DenseHead(6, 5, 4, bn=True).train()
+    x = torch.randn(3, 6, 2, 2)
+    grid, pooled = head(x)
+
+    def bn(h: torch.Tensor, affine: torch.nn.Module | None = None) -> torch.Tensor:
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        out = (h - mean) / torch.sqrt(var + 1e-5)
+        if affine is None:
+            return out
+        return out * affine.weight.view(1, -1, 1, 1) + affine.bias.view(1, -1, 1, 1)
+
+    w1, w2 = head.net[0].weight.view(5, 6), head.net[3].weight.view(4, 5)
+    h = torch.relu(bn(torch.einsum("oc,bchw->bohw", w1, x), head.net[1]))
+    expected = bn(torch.einsum("oc,bchw->bohw", w2, h))
+    assert torch.allclose(grid, expected, atol=1e-5)
+    assert torch.allclose(pooled, grid.mean(dim=(2, 3)))
+    assert head.net[0].bias is None and not head.net[4].affine
+
+
+def test_micro_recipes_turn_the_dense_head_bn_on_as_a_recorded_deviation():
+    for name in ("densecl", "houghcl"):
+        entry = load_entry(name)
+        micro, paper = entry.recipe("default", "micro"), entry.recipe("default", "paper")
+        assert micro.params["dense_bn"] is True and not paper.params.get("dense_bn", False)
+        assert "ln(1025)" in micro.deviations["params.dense_bn"]
 
 
 def test_geometric_truth_against_hand_computed_cells():
