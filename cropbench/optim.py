@@ -8,23 +8,59 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cropbench.errors import ConfigError
 from cropbench.recipe import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) around SGD with momentum, as BYOL/SimCLR/CYBORGS use it.
+    """LARS (You et al. 2017) around SGD with (optionally Nesterov) momentum, as BYOL / SimCLR /
+    CYBORGS / BraVe use it.
 
-    Per parameter: ``local_lr = trust * ||w|| / (||g|| + wd * ||w||)``; groups with ``lars=False``
-    (biases and norm parameters when ``exclude_bias_norm``) skip both adaptation and weight decay.
+    Per parameter, in optax's order (``optax.lars``: weight decay, trust ratio, lr, momentum)::
+
+        d = g + wd * w
+        u = trust * ||w|| / ||d|| * d          (u = d where ||w|| or ||d|| is 0)
+        buf = momentum * buf + u                (buf = u at the first step)
+        w -= lr * (u + momentum * buf)          with nesterov, else w -= lr * buf
+
+    Groups with ``lars=False`` (biases and norm parameters when ``exclude_bias_norm``) skip both
+    adaptation and weight decay. The lr multiplies the buffer (PyTorch's convention); optax scales
+    before the trace, which differs only while the lr changes within the momentum horizon.
     """
 
     def __init__(
-        self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        nesterov: bool = False,
     ):
-        super().__init__(
-            params,
-            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars=True),
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            nesterov=nesterov,
+            lars=True,
         )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _adapted(p: Tensor, group: dict[str, Any]) -> Tensor:
+        """The weight-decayed gradient scaled by the trust ratio (raw gradient for lars=False)."""
+        g = p.grad
+        if not group["lars"]:
+            return g
+        g = g.add(p, alpha=group["weight_decay"])
+        w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+        trust = torch.where(
+            (w_norm > 0) & (g_norm > 0),
+            group["trust_coefficient"] * w_norm / g_norm,
+            torch.ones_like(w_norm),
+        )
+        return g.mul(trust)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: ARG002 - closure unused, as in SGD without it
@@ -32,23 +68,27 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if group["lars"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["trust_coefficient"] * w_norm / g_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    g = g.mul(trust)
+                u = self._adapted(p, group)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = torch.clone(g).detach()
+                    buf = state["momentum_buffer"] = torch.clone(u).detach()
                 else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                    buf.mul_(group["momentum"]).add_(u)
+                update = u.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.add_(update, alpha=-group["lr"])
+
+
+def scale_gradients(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Step pre-hook: multiply each group's gradients by its ``grad_scale`` (default 1), before
+    weight decay, LARS adaptation and momentum, as BraVe's ``_scale_by_module_name`` heads its
+    optax chain (deepmind/brave@0ae20d9 brave/training/optimizers.py)."""
+    for group in optimizer.param_groups:
+        scale = group.get("grad_scale", 1.0)
+        if scale != 1.0:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
 
 
 def _is_bias_or_norm(name: str, p: Tensor) -> bool:
@@ -58,7 +98,8 @@ def _is_bias_or_norm(name: str, p: Tensor) -> bool:
 def build_optimizer(
     groups: list[dict[str, Any]], named: dict[Tensor, str], cfg: OptimConfig, lr: float
 ) -> torch.optim.Optimizer:
-    """Build the optimizer over the method's parameter groups (each may carry ``fixed_lr``).
+    """Build the optimizer over the method's parameter groups (each may carry ``fixed_lr``,
+    ``lr_scale`` and ``grad_scale``; ``scale_gradients`` applies the last before every step).
 
     With ``exclude_bias_norm`` every group is split so biases and norm parameters get no weight
     decay (and no LARS adaptation), as BYOL/SimCLR's LARS setups do.
@@ -76,13 +117,28 @@ def build_optimizer(
     final = [g for g in final if g["params"]]
     for g in final:
         g.setdefault("fixed_lr", False)
+    optimizer = _make(final, cfg, lr)
+    optimizer.register_step_pre_hook(scale_gradients)
+    return optimizer
+
+
+def _make(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(final, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
     if cfg.name == "lars":
         return LARS(
-            final, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            trust_coefficient=cfg.trust_coefficient,
+            nesterov=cfg.nesterov,
         )
-    return torch.optim.AdamW(final, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.nesterov:
+        raise ConfigError("optim.nesterov: Nesterov momentum needs optim.name sgd or lars, got adamw")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg: OptimConfig) -> float:

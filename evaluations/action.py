@@ -2,11 +2,14 @@
 accuracy from clip predictions averaged over ``test_clips`` temporal × ``test_crops`` spatial views.
 
 * ``linear`` (BraVe's released evaluator, papers.md §4.3): frozen encoder features of
-  ``train_clips`` augmented clips per training video (random temporal position, random crop of
-  area 0.3-1, flip), ``StandardScaler`` + ``LinearSVC(C)`` (BraVe: C = 1e-4), or a softmax
-  regression (``classifier: logistic``). Features are extracted once and cached.
+  ``train_clips`` augmented clips per training video, augmented as BraVe's ``_transform_train``
+  (random temporal position, random crop of area 0.3-1 and aspect 0.5-2, flip, colour
+  augmentation p 0.8 and grey p 0.2: ``brave_color_augment``), ``StandardScaler`` +
+  ``LinearSVC(C)`` (BraVe: C = 1e-4), or a softmax regression (``classifier: logistic``).
+  Features are extracted once and cached.
 * ``finetune``: a copy of the encoder + dropout + linear head, trained end to end on random clips
-  (SGD momentum 0.9, cosine lr), tested with the same multi-clip protocol.
+  (crop of area 0.3-1, aspect 3/4-4/3, flip; SGD momentum 0.9, cosine lr), tested with the same
+  multi-clip protocol.
 * Test: ``test_clips`` clip starts from pytorchvideo's ``ConstantClipsPerVideoSampler``
   (10 at paper scale) × 1 or 3 spatial crops (pySlowFast's 3-crop); SVM scores / softmax
   probabilities are averaged per video. ``split: all`` runs the three official splits and
@@ -32,12 +35,18 @@ from torch.nn import functional as F
 
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.video import VideoClips, Window, clip_batches, with_window
-from cropbench.data.video_transforms import eval_views, spatial_crops
+from cropbench.data.video_transforms import (
+    KINETICS_MEAN,
+    KINETICS_STD,
+    eval_views,
+    normalize_video,
+    spatial_crops,
+)
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.features import weights_hash
 from cropbench.methods.video_views import VideoViewConfig, make_video_view
-from cropbench.methods.views import ViewConfig
+from cropbench.methods.views import ViewConfig, adjust_hue, to_gray
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,7 @@ class ActionSettings:
         if self.crop > self.image_size:
             raise ConfigError(f"eval: crop ({self.crop}) must be <= image_size ({self.image_size})")
         if min(self.frames, self.stride, self.test_clips, self.train_clips, self.batch_size) < 1:
-            raise ConfigError(
-                "eval: frames, stride, test_clips, train_clips and batch_size must be >= 1"
-            )
+            raise ConfigError("eval: frames, stride, test_clips, train_clips and batch_size must be >= 1")
 
     @property
     def span(self) -> int:
@@ -128,15 +135,62 @@ def test_video_views(ds: VideoClips, s: ActionSettings) -> Iterator[tuple[Tensor
         yield eval_views(clips, crops, s.crop), ds.items[i].label, looped
 
 
+def _u(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _per_clip(v: Tensor, x: Tensor) -> Tensor:
+    return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def tf_adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """``tf.image.adjust_saturation`` in closed form: HSV saturation S -> clip(S·f, 0, 1) at
+    fixed hue and value V, i.e. each channel c -> V − (V − c)·min(f, V / (V − min)); a pixel
+    with V <= 0 has S = 0 in TF's HSV and comes back grey (V, V, V). x: B×3×..., factor: B."""
+    v = x.max(dim=1, keepdim=True).values
+    span = v - x.min(dim=1, keepdim=True).values
+    ratio = torch.minimum(_per_clip(factor, x), v / span.clamp(min=1e-12))
+    out = torch.where(span > 0, v - (v - x) * ratio, x)
+    return torch.where(v > 0, out, v.expand_as(x))
+
+
+def brave_color_ops(x: Tensor, delta: Tensor, sat: Tensor, con: Tensor, hue: Tensor) -> Tensor:
+    """TF's colour ops in BraVe's order on B×3×T×H×W clips, per-clip parameters (B each):
+    brightness + delta, saturation ×sat, contrast ×con about each frame's per-channel mean (TF's
+    ``adjust_contrast`` per image), hue + hue turns, then clip to [0, 1] (TF clips only here)."""
+    y = tf_adjust_saturation(x + _per_clip(delta, x), sat)
+    mean = y.mean(dim=(3, 4), keepdim=True)
+    y = mean + (y - mean) * _per_clip(con, y)
+    return adjust_hue(y, hue.to(x.device, x.dtype)).clamp(0, 1)
+
+
+def brave_color_augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """BraVe's evaluator colour augmentation on B×3×T×H×W clips in [0, 1], one draw per clip
+    for all its frames (deepmind/brave@0ae20d9 brave/datasets/augmentations.py
+    ``_color_default_augm`` with prob_color_augment 0.8, prob_color_drop 0.2): with p 0.8
+    ``brave_color_ops`` with delta U(±32/255), saturation and contrast U(0.6, 1.4), hue U(±0.2);
+    then, independently, with p 0.2 grey (``tf.image.rgb_to_grayscale`` weights)."""
+    n = x.shape[0]
+    coin = torch.rand(n, generator=generator) < 0.8
+    delta, sat = _u(n, -32 / 255, 32 / 255, generator), _u(n, 0.6, 1.4, generator)
+    con, hue = _u(n, 0.6, 1.4, generator), _u(n, -0.2, 0.2, generator)
+    x = torch.where(_per_clip(coin, x) > 0, brave_color_ops(x, delta, sat, con, hue), x)
+    gray = torch.rand(n, generator=generator) < 0.2
+    return torch.where(_per_clip(gray, x) > 0, to_gray(x).expand_as(x), x)
+
+
 def train_batches(
     ds: VideoClips, s: ActionSettings, epoch: int, generator: torch.Generator, shuffle: bool
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One pass of random augmented training clips (random temporal position in the video, crop
-    of area 0.3-1, flip) -> batches of (B×3×T×crop×crop views, B labels)."""
+    of area 0.3-1, flip; in linear mode BraVe's aspect 0.5-2 and colour augmentation) ->
+    batches of (B×3×T×crop×crop views, B labels)."""
+    brave = s.mode == "linear"  # BraVe's evaluator (brave/evaluate/evaluate_video_embedding.py)
+    ratio = (0.5, 2.0) if brave else (3 / 4, 4 / 3)
     aug = VideoViewConfig(
         s.frames,
         s.stride,
-        ViewConfig(size=s.crop, scale=(0.3, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),
+        ViewConfig(size=s.crop, scale=(0.3, 1.0), ratio=ratio, jitter_p=0.0, gray_p=0.0, blur_p=0.0),
         temporal="start",
     )
     ds = with_window(ds, Window(s.span, 1))
@@ -147,7 +201,16 @@ def train_batches(
         if shuffle and len(idx) < 2:  # BatchNorm needs two samples
             continue
         batch = ds.collate([ds[int(i)] for i in idx])
-        yield make_video_view(batch.video, aug, generator).tensor, batch.labels
+        views = make_video_view(batch.video, aug, generator).tensor
+        if brave:  # colour ops act on [0, 1] clips: undo the normalisation, augment, redo it
+            views = brave_color_augment(_unnormalize(views), generator)
+            views = normalize_video(views)
+        yield views, batch.labels
+
+
+def _unnormalize(x: Tensor) -> Tensor:
+    m = torch.tensor(KINETICS_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+    return x * torch.tensor(KINETICS_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1) + m
 
 
 # ---------------------------------------------------------------- linear protocol
@@ -162,7 +225,7 @@ def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalDat
         if not k.startswith(("ft_", "logistic", "svm", "classifier", "split", "mode"))
     }
     parts = {
-        "v": 1,
+        "v": 2,  # 2: BraVe's colour augmentation of the training clips
         "weights": weights_hash(encoder),
         "protocol": protocol,
         "split": split,
@@ -174,9 +237,7 @@ def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalDat
     return Path(data.cache_dir) / "features" / f"action-{key}.pt"
 
 
-def linear_features(
-    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
-) -> dict[str, Tensor]:
+def linear_features(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, Tensor]:
     """Frozen features of one split (cached): train N×D + labels; test V×K×D + labels."""
     path = _cache_path(encoder, s, fold, data)
     if path is not None and path.exists():
@@ -196,9 +257,7 @@ def linear_features(
         test_y.append(label)
         looped += int(was_looped)
     if looped:
-        data.log(
-            f"{s.dataset} split {fold}: {looped} test video(s) shorter than {s.span} frames looped"
-        )
+        data.log(f"{s.dataset} split {fold}: {looped} test video(s) shorter than {s.span} frames looped")
     out = {
         "train_x": torch.cat(xs),
         "train_y": torch.cat(ys),
@@ -214,18 +273,14 @@ def linear_features(
     return out
 
 
-def fit_classifier(
-    x: Tensor, y: Tensor, num_classes: int, s: ActionSettings, seed: int
-) -> Callable[[Tensor], Tensor]:
+def fit_classifier(x: Tensor, y: Tensor, num_classes: int, s: ActionSettings, seed: int) -> Callable[[Tensor], Tensor]:
     """Train on N×D features -> a function mapping M×D features to M×C class scores."""
     if s.classifier == "svm":
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
 
-        clf = make_pipeline(
-            StandardScaler(), LinearSVC(C=s.svm_c, max_iter=10000, random_state=seed)
-        )
+        clf = make_pipeline(StandardScaler(), LinearSVC(C=s.svm_c, max_iter=10000, random_state=seed))
         clf.fit(x.numpy(), y.numpy())
         present = torch.as_tensor(clf.classes_)
 
@@ -259,9 +314,7 @@ def video_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
     return {"top1": video, "clip_top1": clip}
 
 
-def linear_split(
-    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
-) -> dict[str, float]:
+def linear_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, float]:
     feats = linear_features(encoder, s, fold, data)
     num_classes = int(max(feats["train_y"].max(), feats["test_y"].max())) + 1
     score = fit_classifier(feats["train_x"], feats["train_y"], num_classes, s, data.seed)
@@ -272,9 +325,7 @@ def linear_split(
 # ---------------------------------------------------------------- fine-tuning protocol
 
 
-def finetune_split(
-    encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData
-) -> dict[str, float]:
+def finetune_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, float]:
     """Fine-tune a copy of the encoder + dropout + linear head on split ``fold``; test."""
     device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
     train = build_dataset(s.dataset, f"train{fold}", data.root, image_size=s.image_size)
@@ -285,9 +336,7 @@ def finetune_split(
         nn.Dropout(s.ft_dropout),
         nn.Linear(encoder.feat_dim, train.num_classes),
     ).to(device)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=s.ft_lr, momentum=0.9, weight_decay=s.ft_weight_decay
-    )
+    opt = torch.optim.SGD(model.parameters(), lr=s.ft_lr, momentum=0.9, weight_decay=s.ft_weight_decay)
     total, step = s.ft_epochs * max(1, math.ceil(len(train) / s.ft_batch)), 0
     model.train()
     for epoch in range(s.ft_epochs):
@@ -304,9 +353,7 @@ def finetune_split(
     scores, labels = [], []
     with torch.no_grad():
         for views, label, _ in test_video_views(test, s):
-            logits = torch.cat(
-                [model(c.to(device)).float().cpu() for c in _chunks(views, s.batch_size)]
-            )
+            logits = torch.cat([model(c.to(device)).float().cpu() for c in _chunks(views, s.batch_size)])
             scores.append(torch.softmax(logits, dim=1))
             labels.append(label)
     return video_accuracy(torch.stack(scores), torch.tensor(labels))
@@ -315,9 +362,7 @@ def finetune_split(
 def evaluate_action(encoder: nn.Module, s: ActionSettings, data: EvalData) -> dict[str, float]:
     """Top-1 (video level) on split ``s.split`` or the mean over the three splits."""
     if getattr(encoder, "modality", "video") != "video":
-        raise ConfigError(
-            f"{s.dataset}: expected a video encoder (B×C×T×H×W input), got {type(encoder).__name__}"
-        )
+        raise ConfigError(f"{s.dataset}: expected a video encoder (B×C×T×H×W input), got {type(encoder).__name__}")
     folds = ["1", "2", "3"] if s.split == "all" else [s.split]
     was_training = encoder.training
     encoder.eval().to(torch.device(data.device))
@@ -329,24 +374,17 @@ def evaluate_action(encoder: nn.Module, s: ActionSettings, data: EvalData) -> di
     out = {k: float(np.mean([r[k] for r in per_fold])) for k in per_fold[0]}
     if len(folds) > 1:
         out.update({f"top1_split{f}": r["top1"] for f, r in zip(folds, per_fold, strict=True)})
-    data.log(
-        f"{s.dataset} {s.mode} split {s.split}: "
-        + ", ".join(f"{k}={v:.2f}" for k, v in out.items())
-    )
+    data.log(f"{s.dataset} {s.mode} split {s.split}: " + ", ".join(f"{k}={v:.2f}" for k, v in out.items()))
     return out
 
 
 @register_evaluation("ucf101", UCF101Settings, modality="video", metrics=("top1", "clip_top1"))
-def evaluate_ucf101(
-    encoder: nn.Module, settings: UCF101Settings, data: EvalData
-) -> dict[str, float]:
+def evaluate_ucf101(encoder: nn.Module, settings: UCF101Settings, data: EvalData) -> dict[str, float]:
     """UCF101 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
     return evaluate_action(encoder, settings, data)
 
 
 @register_evaluation("hmdb51", HMDB51Settings, modality="video", metrics=("top1", "clip_top1"))
-def evaluate_hmdb51(
-    encoder: nn.Module, settings: HMDB51Settings, data: EvalData
-) -> dict[str, float]:
+def evaluate_hmdb51(encoder: nn.Module, settings: HMDB51Settings, data: EvalData) -> dict[str, float]:
     """HMDB51 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
     return evaluate_action(encoder, settings, data)

@@ -8,7 +8,9 @@ views' provenance); broad RGB gets a random 2-D convolution on top of the narrow
 augmentations; one projector (Linear-BN-ReLU-Linear-BN) and one predictor (Linear-BN-ReLU-Linear)
 serve every direction; each term is 0.5·‖h/‖h‖ − sg(z)/‖z‖‖² between the prediction h of one view
 and the stop-gradient projection z of the other (no EMA target), averaged over all directions;
-the predictor's learning rate is ×10. Optical flow is replaced by frame differences of the broad
+the predictor's *gradient* is ×10 before the optimizer sees it (the released
+``_scale_by_module_name`` runs first in the optax chain, so under LARS the trust ratio
+normalises most of it away; it is not an lr ×10). Optical flow is replaced by frame differences of the broad
 clip (``modality: diff``), a deviation the entry records. The evaluated encoder is the narrow one.
 """
 
@@ -42,9 +44,7 @@ def narrow_view() -> VideoViewConfig:
 
 def broad_view() -> VideoViewConfig:
     """Micro broad view: 16 frames every 3, 24 px, random conv (BraVe: 64 every 4 at 112 px)."""
-    image = ViewConfig(
-        size=24, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5
-    )
+    image = ViewConfig(size=24, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5)
     return VideoViewConfig(16, 3, image, random_conv_p=1.0)
 
 
@@ -68,6 +68,9 @@ def frame_differences(x: Tensor) -> Tensor:
 
 @METHODS.register("brave")
 class BraVe(VideoViews, SSLMethod):
+    # global BN: hk.BatchNorm(cross_replica_axis="i") [google-deepmind/brave@1ae5f0a modules.py]
+    batchnorm = "sync"
+
     @dataclass(frozen=True)
     class Config:
         narrow: VideoViewConfig = field(default_factory=narrow_view)
@@ -75,20 +78,16 @@ class BraVe(VideoViews, SSLMethod):
         window: int = 49  # decoded frames >= the longest broad span (+1 for frame differences)
         hidden_dim: int = 4096  # BraVe projector / predictor width
         out_dim: int = 128  # BraVe output dim
-        predictor_lr_scale: float = 10.0  # BraVe: the predictor's lr is x10
+        predictor_grad_scale: float = 10.0  # BraVe: predictor gradients x10, before the optimizer
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
         if not cfg.broad:
             raise ConfigError("params.broad: BraVe needs at least one broad view")
-        self.broad_backbones = nn.ModuleList(
-            build_backbone(b.backbone, **b.backbone_args) for b in cfg.broad
-        )
+        self.broad_backbones = nn.ModuleList(build_backbone(b.backbone, **b.backbone_args) for b in cfg.broad)
         dims = {backbone.feat_dim, *(bb.feat_dim for bb in self.broad_backbones)}
         if len(dims) != 1:
-            raise ConfigError(
-                f"params.broad: the shared projector needs equal feature dims, got {sorted(dims)}"
-            )
+            raise ConfigError(f"params.broad: the shared projector needs equal feature dims, got {sorted(dims)}")
         d = backbone.feat_dim
         self.projector = mlp([d, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn", last_norm="bn")
         self.predictor = mlp([cfg.out_dim, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn")
@@ -103,9 +102,7 @@ class BraVe(VideoViews, SSLMethod):
     def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
         """Narrow clip and broad clips, all starting at the same frame (BraVe's alignment)."""
         longest = max(self.view_configs, key=lambda vc: vc.span)
-        starts = sample_starts(
-            len(batch), batch.video.shape[2], longest, generator, batch.video.device
-        )
+        starts = sample_starts(len(batch), batch.video.shape[2], longest, generator, batch.video.device)
         views = []
         for i, vc in enumerate(self.view_configs):
             view = make_video_view(batch.video, vc, generator, starts, batch.looped)
@@ -128,10 +125,11 @@ class BraVe(VideoViews, SSLMethod):
         return StepOutput(torch.stack(terms).mean(), logs)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Everything on the schedule; the predictor at ``predictor_lr_scale`` times it (BraVe)."""
+        """One lr for all; the predictor's gradients ×``predictor_grad_scale`` before the optimizer
+        (``grad_scale``, applied by cropbench.optim as BraVe's ``_scale_by_module_name``)."""
         pred = {id(p) for p in self.predictor.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
         return [
             {"params": rest},
-            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.predictor_lr_scale},
+            {"params": list(self.predictor.parameters()), "grad_scale": self.cfg.predictor_grad_scale},
         ]

@@ -4,11 +4,11 @@ generator that drops frames of the query clip and (2) temporal decay of the queu
 * Generator (papers.md §6, official ``moco/builder.py``): the clip's frames are stacked as
   channels, dilated conv + BN blocks give per-frame embeddings, a bidirectional LSTM scores each
   frame, softmax over frames. The ``drop`` lowest-scoring frames are replaced by their mean
-  intensity. The selection is hard; its gradient reaches the scores straight through (the
-  dropped-frame mask's surrogate is 1 − T·score), and a gradient-reversal layer makes the
-  generator *maximise* the InfoNCE loss the encoder minimises (the paper's adversarial
-  objective; the released code instead trains it on −100·L1(q_fake, q_real) with its own
-  optimiser: a deviation in the entry).
+  intensity. The selection is hard; its gradient reaches the scores through the official custom
+  backward (``VideoTopk``: d/d score[b, t] = the clip gradient summed over frame t), and a
+  gradient-reversal layer makes the generator *maximise* the InfoNCE loss the encoder minimises
+  (the paper's adversarial objective; the released code instead steps it on
+  −100·L1(q_fake, q_real) + InfoNCE: a deviation in the entry).
 * Temporal decay: a negative key enqueued ``a`` iterations ago enters the logits as
   t^a · q·k / τ (t = 0.99999; the official code scales the queued keys by t^age, age counted in
   iterations, 1 for the newest).
@@ -19,6 +19,8 @@ generator that drops frames of the query clip and (2) temporal decay of the queu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -58,18 +60,33 @@ class FrameScorer(nn.Module):
         return torch.softmax(self.score(seq).squeeze(-1), dim=1)
 
 
+class _TopkDrop(torch.autograd.Function):
+    """VideoMoCo's ``VideoTopk`` (tinapan-pt/VideoMoCo@42e069a moco/builder.py): forward drops
+    the ``drop`` lowest-scoring frames (each replaced by its mean over C, H, W); backward gives
+    the clip no gradient and each score the sum of the output gradient over its frame,
+    d/d score[b, t] = Σ_{c,h,w} grad_out[b, c, t, h, w], whether that frame was dropped or not."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scores: Tensor, drop: int) -> tuple[Tensor, Tensor]:  # noqa: ARG004
+        hard = torch.zeros_like(scores, dtype=torch.bool)
+        hard.scatter_(1, scores.topk(drop, dim=1, largest=False).indices, True)
+        means = x.mean(dim=(1, 3, 4), keepdim=True)  # one grey level per frame
+        ctx.mark_non_differentiable(hard)
+        return torch.where(hard[:, None, :, None, None], means.expand_as(x), x), hard
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_hard: Tensor) -> tuple[None, Tensor, None]:  # noqa: ARG004
+        return None, grad_out.sum(dim=(1, 3, 4)), None
+
+
 def drop_frames(x: Tensor, scores: Tensor, drop: int) -> tuple[Tensor, Tensor]:
     """Replace the ``drop`` lowest-scoring frames of each clip by their mean intensity.
 
     x: B×C×T×H×W, scores: B×T (softmax). Returns the clip and the B×T bool mask of dropped frames.
-    Forward is the hard selection; backward treats the mask as 1 − T·score (straight through).
+    Gradients follow the official custom backward (``_TopkDrop``): none to the clip, the
+    per-frame sum of the clip's gradient to the scores.
     """
-    t = x.shape[2]
-    hard = torch.zeros_like(scores).scatter(1, scores.topk(drop, dim=1, largest=False).indices, 1.0)
-    soft = 1 - t * scores
-    mask = (hard + soft - soft.detach())[:, None, :, None, None]  # B×1×T×1×1
-    means = x.mean(dim=(1, 3, 4), keepdim=True)  # one grey level per frame
-    return x * (1 - mask) + means * mask, hard.bool()
+    return _TopkDrop.apply(x, scores, drop)
 
 
 def decayed_info_nce(
@@ -90,6 +107,9 @@ def decayed_info_nce(
 
 @METHODS.register("videomoco")
 class VideoMoCo(VideoMoCoV2):
+    # shuffle-BN, no SyncBN [tinapan-pt/VideoMoCo@0ed0a13 moco/builder.py _batch_shuffle_ddp]
+    batchnorm = "shuffle"
+
     @dataclass(frozen=True)
     class Config:
         views: VideoViewConfig = field(default_factory=VideoViewConfig)
@@ -99,14 +119,19 @@ class VideoMoCo(VideoMoCoV2):
         temperature: float = 0.07  # official --moco-t
         queue_size: int = 65536  # official --moco-k
         momentum: float = 0.999  # official --moco-m
-        shuffle_bn: bool = True
+        shuffle_bn: bool = True  # official: _batch_shuffle_ddp (moco/builder.py)
+        shuffle_bn_splits: int = 8  # BN groups of the key batch: MoCo's 8 GPUs (MoCoV2.Config)
         projector_bn: bool = False  # MoCoV2's option (BN projector); the official MLP has none
         decay: float = 0.99999  # temporal decay t (official builder.py)
         drop: int = 8  # frames dropped per clip (official: 8 of 32)
         adversarial_from: float = (
             0.5  # fraction of training before the generator acts (100 of 200 epochs)
         )
-        generator_weight: float = 1.0  # gradient-reversal strength
+        generator_weight: float = 1.0  # gradient-reversal strength ("reverse")
+        # "reverse": the generator ascends the InfoNCE (paper); "official": released train.py,
+        # the generator descends −l1_weight·L1(q_fake, q_real) + InfoNCE, the encoder InfoNCE only
+        generator_loss: Literal["reverse", "official"] = "reverse"
+        l1_weight: float = 100.0  # official train.py: loss_g = -100 * L1Loss(q_fake, q_real)
         same_clip: bool = True  # query and key from one clip (official loader); False: two clips
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
@@ -139,14 +164,34 @@ class VideoMoCo(VideoMoCoV2):
             q, k, self.queue.keys.clone(), age, self.cfg.decay, self.cfg.temperature
         )
 
+    def _adversarial_query(self, x_q: Tensor, logs: dict[str, Tensor]) -> Tensor:
+        """Query of the frame-dropped clip; wires the generator's gradient per ``generator_loss``."""
+        raw = self.generator(x_q.detach())  # B×T softmax scores
+        official = self.cfg.generator_loss == "official"
+        if official:  # train.py encodes the real clip first; its gradient reaches no parameter
+            with torch.no_grad():
+                q_real = F.normalize(self.encode_query(x_q), dim=1)
+        scores = raw if official else grad_reverse(raw, self.cfg.generator_weight)
+        x_fake, dropped = drop_frames(x_q, scores, self.cfg.drop)
+        logs["dropped_first_half"] = dropped[:, : dropped.shape[1] // 2].float().mean().detach()
+        q = self.encode_query(x_fake)
+        if official:
+            l1 = F.l1_loss(F.normalize(q, dim=1), q_real)
+            # loss_g's gradient reaches the generator only (train.py freezes D for it): add it
+            # to the scores' gradient; the InfoNCE's own gradient flows there too (train.py
+            # accumulates loss_d.backward() into netG before optimizer_g.step())
+            (g_adv,) = torch.autograd.grad(-self.cfg.l1_weight * l1, raw, retain_graph=True)
+            raw.register_hook(partial(torch.add, other=g_adv))
+            logs["loss_generator_l1"] = l1.detach()
+        return q
+
     def training_step(self, batch: VideoBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k = self.make_views(batch, generator)
         x_q, logs = v_q.tensor, {}
-        if step >= self.cfg.adversarial_from * self.ctx.total_steps:
-            scores = grad_reverse(self.generator(x_q.detach()), self.cfg.generator_weight)  # B×T
-            x_q, dropped = drop_frames(x_q, scores, self.cfg.drop)
-            logs["dropped_first_half"] = dropped[:, : dropped.shape[1] // 2].float().mean().detach()
-        q = self.encode_query(x_q)
+        if step < self.cfg.adversarial_from * self.ctx.total_steps:
+            q = self.encode_query(x_q)
+        else:
+            q = self._adversarial_query(x_q, logs)
         k = self.encode_key(v_k.tensor, generator)
         loss = self.instance_loss(q, k)
         self.enqueue(k)

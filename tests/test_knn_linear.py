@@ -5,6 +5,7 @@ Resize + CenterCrop eval transform; and the on-disk feature cache."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,7 @@ def _clusters(
 # ---- kNN ----
 
 
-def _naive_knn(
-    bank: np.ndarray, bank_y: np.ndarray, q: np.ndarray, k: int, t: float, c: int
-) -> np.ndarray:
+def _naive_knn(bank: np.ndarray, bank_y: np.ndarray, q: np.ndarray, k: int, t: float, c: int) -> np.ndarray:
     """One query at a time, straight from InstDisc Sec. 3.5: cosine sims, top k, votes exp(s/T)."""
     out = np.zeros((len(q), c))
     for i, x in enumerate(q):
@@ -57,9 +56,7 @@ def _naive_knn(
 def test_knn_scores_match_naive_loop_in_chunks() -> None:
     bank, bank_y = _clusters(120, 8, 5, 2.0, 0)
     q, _ = _clusters(23, 8, 5, 2.0, 0, noise_seed=1)
-    ours = knn_scores(
-        bank, bank_y, q, 5, k=15, temperature=0.1, chunk_size=4
-    )  # 6 chunks, last ragged
+    ours = knn_scores(bank, bank_y, q, 5, k=15, temperature=0.1, chunk_size=4)  # 6 chunks, last ragged
     ref = _naive_knn(bank.double().numpy(), bank_y.numpy(), q.double().numpy(), 15, 0.1, 5)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=2e-4)
 
@@ -69,9 +66,7 @@ def test_knn_predictions_match_sklearn_with_exp_weights() -> None:
     bank, bank_y = _clusters(300, 16, 10, 3.0, 2)
     q, qy = _clusters(100, 16, 10, 3.0, 2, noise_seed=3)
     k, t = 20, 0.07
-    sk = KNeighborsClassifier(
-        k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / t)
-    )
+    sk = KNeighborsClassifier(k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / t))
     sk.fit(bank.numpy(), bank_y.numpy())
     ours = knn_scores(bank, bank_y, q, 10, k, t)
     assert (ours.argmax(1).numpy() == sk.predict(q.numpy())).all()
@@ -108,9 +103,7 @@ def test_lr_schedule_matches_moco() -> None:
 @pytest.mark.parametrize("feature_bn", [False, True])
 def test_linear_probe_separates_separable_features(feature_bn: bool) -> None:
     x, y = _clusters(600, 32, 6, 0.3, 4)
-    probe = train_probe(
-        x, y, 6, LinearSettings(feature_bn=feature_bn), seed=0
-    )  # MoCo defaults, lr 30
+    probe = train_probe(x, y, 6, LinearSettings(feature_bn=feature_bn), seed=0)  # MoCo defaults, lr 30
     xv, yv = _clusters(300, 32, 6, 0.3, 4, noise_seed=7)  # same centres, fresh noise
     assert topk_accuracy(probe_scores(probe, xv), yv)["top1"] >= 99.0
 
@@ -149,9 +142,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i in range(n):
                 h, w = (45, 61) if i % 2 else (70, 50)
                 base = rng.integers(0, 255, (h, w, 3)) // (1 if c == "a" else 3)
-                Image.fromarray(base.astype(np.uint8)).save(
-                    root / "imagenet" / split / c / f"{i}.png"
-                )
+                Image.fromarray(base.astype(np.uint8)).save(root / "imagenet" / split / c / f"{i}.png")
     return root
 
 
@@ -162,13 +153,9 @@ def _encoder() -> torch.nn.Module:
 
 def test_features_equal_torchvision_eval_transform(tiny_root: Path) -> None:
     enc = _encoder().train()
-    feats, labels = extract_features(
-        enc, "imagenet", EvalData(tiny_root), "val", resize=36, crop=32, batch_size=5
-    )
+    feats, labels = extract_features(enc, "imagenet", EvalData(tiny_root), "val", resize=36, crop=32, batch_size=5)
     assert enc.training  # mode restored
-    tf = transforms.Compose(
-        [transforms.Resize(36), transforms.CenterCrop(32), transforms.PILToTensor()]
-    )
+    tf = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32), transforms.PILToTensor()])
     folder = sorted((tiny_root / "imagenet" / "val").glob("*/*.png"))
     ref_x = torch.stack([tf(Image.open(p).convert("RGB")) for p in folder])
     with torch.no_grad():
@@ -208,14 +195,44 @@ def test_registered_evaluation_end_to_end(name: str, tiny_root: Path) -> None:
     ev = EVALUATIONS.get(name)
     raw = {
         "dataset": "imagenet",
-        **(
-            {"k": 5}
-            if name == "knn"
-            else {"epochs": 50, "lr": 1.0, "schedule": "cosine", "batch_size": 8}
-        ),
+        **({"k": 5} if name == "knn" else {"epochs": 50, "lr": 1.0, "schedule": "cosine", "batch_size": 8}),
     }
     settings = from_dict(ev.Settings, raw, "test")
     out = ev.evaluate(_encoder(), settings, EvalData(tiny_root, seed=3))
-    assert set(out) == {"top1", "top5"} and all(isinstance(v, float) for v in out.values())
+    assert set(out) == ({"top1", "top5"} | ({"top1_best"} if name == "linear" else set()))
+    assert all(isinstance(v, float) for v in out.values())
     assert out["top1"] >= 75.0  # the two classes differ in brightness; top5 is 100 with 2 classes
     assert out == ev.evaluate(_encoder(), settings, EvalData(tiny_root, seed=3))  # deterministic
+
+
+def test_linear_reports_last_and_best_epoch_against_truncated_runs(tiny_root: Path) -> None:
+    """Naive reference: with a step schedule the first e epochs of an E-epoch run are exactly an
+    e-epoch run (same seed, same shuffles, same lr), so train e = 1..E epochs separately and take
+    the last (``top1``) and the maximum (``top1_best``, MoCo main_lincls ``best_acc1``)."""
+    settings = LinearSettings(dataset="imagenet", epochs=4, lr=30.0, milestones=(6,), batch_size=4)
+    data = EvalData(tiny_root, seed=3)
+    out = EVALUATIONS.get("linear").evaluate(_encoder(), settings, data)
+    tx, ty = extract_features(_encoder(), "imagenet", data, "train")
+    vx, vy = extract_features(_encoder(), "imagenet", data, "val")
+    accs = []
+    for e in range(1, 5):
+        probe = train_probe(tx, ty, 2, replace(settings, epochs=e), seed=3)
+        accs.append(topk_accuracy(probe_scores(probe, vx), vy)["top1"])
+    assert out["top1"] == pytest.approx(accs[-1]) and out["top1_best"] == pytest.approx(max(accs))
+    assert max(accs) > accs[-1]  # this run's best epoch is not its last: the two rules differ
+
+
+def test_regioncl_linear_references_are_checked_against_the_best_epoch(tmp_path: Path) -> None:
+    """RegionCL's README 69.4 is its log's best epoch (Annbless/RegionCL@61bbcab
+    logs/Linear-RegionCLM.log: 69.30 last, 69.37 best): ``cropbench check`` must compare it with
+    ``top1_best``, not with the last epoch's ``top1``."""
+    from cropbench.checks import check
+    from cropbench.records import Record, write_record
+
+    records, golden = tmp_path / "records", tmp_path / "golden"
+    golden.mkdir()
+    metrics = {"top1": 60.0, "top5": 90.0, "top1_best": 69.3}  # last epoch far off, best within 1
+    write_record(records, Record("regioncl", "m", "paper", "linear", 0, metrics, {}, 1.0, {}))
+    report = check(records, golden, scale="paper")
+    ours = [(m, ok) for m, ok in report.compared if m.key == "paper/regioncl/m/linear"]
+    assert [(m.metric, ok) for m, ok in ours] == [("top1_best", True)]

@@ -53,9 +53,7 @@ def brightness_root(tmp_path_factory) -> Path:
             for c in (1, 2):
                 rel = f"{cls}/v_{cls}_g{g:02d}_c{c:02d}.avi"
                 n = int(rng.integers(10, 20))
-                frames = np.clip(40 + 70 * k + rng.normal(0, 10, (n, 16, 16, 3)), 0, 255).astype(
-                    np.uint8
-                )
+                frames = np.clip(40 + 70 * k + rng.normal(0, 10, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
                 write_video(folder / "UCF-101" / rel, frames, 25)
                 rows.setdefault(g, []).append((rel, k))
     lists = folder / "ucfTrainTestlist"
@@ -63,9 +61,7 @@ def brightness_root(tmp_path_factory) -> Path:
     (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
     for fold in (1, 2, 3):
         train = [r for g, items in rows.items() if g != fold for r in items]
-        (lists / f"trainlist0{fold}.txt").write_text(
-            "".join(f"{rel} {k + 1}\n" for rel, k in train)
-        )
+        (lists / f"trainlist0{fold}.txt").write_text("".join(f"{rel} {k + 1}\n" for rel, k in train))
         (lists / f"testlist0{fold}.txt").write_text("".join(f"{rel}\n" for rel, _ in rows[fold]))
     (folder / ".cropbench-complete").write_text("test fixture\n")
     return root
@@ -132,9 +128,7 @@ def test_a_constant_encoder_is_at_chance(brightness_root):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.zeros(x.shape[0], 3) + self.scale
 
-    out = EVALUATIONS.get("ucf101").evaluate(
-        Constant(), _settings(), EvalData(brightness_root, log=lambda m: None)
-    )
+    out = EVALUATIONS.get("ucf101").evaluate(Constant(), _settings(), EvalData(brightness_root, log=lambda m: None))
     assert out["top1"] == pytest.approx(100 / N_CLASSES)
 
 
@@ -157,3 +151,83 @@ def test_bad_settings_and_encoders_are_clear_errors(brightness_root):
     image_encoder = BACKBONES.get("resnet_micro")()
     with pytest.raises(ConfigError, match="expected a video encoder"):
         EVALUATIONS.get("hmdb51").evaluate(image_encoder, _settings(), EvalData(brightness_root))
+
+
+def _naive_tf_colour(clip: np.ndarray, delta: float, sat: float, con: float, hue: float) -> np.ndarray:
+    """Per-pixel transcription of deepmind/brave@0ae20d9 brave/datasets/augmentations.py
+    ``_color_default_augm.color_augment`` (TF ops: random_brightness, random_saturation,
+    random_contrast, random_hue, clip), with colorsys for TF's HSV round trips. clip: 3×T×H×W."""
+    import colorsys
+
+    x = clip.astype(np.float64) + delta
+    _, t, h, w = x.shape
+    for i in range(t):
+        for yy in range(h):
+            for xx in range(w):
+                hh, ss, vv = colorsys.rgb_to_hsv(*x[:, i, yy, xx])
+                x[:, i, yy, xx] = colorsys.hsv_to_rgb(hh, min(max(ss * sat, 0.0), 1.0), vv)
+    mean = x.mean(axis=(2, 3), keepdims=True)  # tf.image.adjust_contrast: per image and channel
+    x = (x - mean) * con + mean
+    for i in range(t):
+        for yy in range(h):
+            for xx in range(w):
+                hh, ss, vv = colorsys.rgb_to_hsv(*x[:, i, yy, xx])
+                x[:, i, yy, xx] = colorsys.hsv_to_rgb((hh + hue) % 1.0, ss, vv)
+    return np.clip(x, 0.0, 1.0)
+
+
+def test_brave_colour_ops_match_a_per_pixel_transcription_of_tf():
+    from cropbench.evaluations.action import brave_color_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.15 + 0.7 * torch.rand(3, 3, 2, 4, 5, generator=g, dtype=torch.float64)  # B×3×T×H×W
+    delta = torch.tensor([0.1, -0.12, 0.03], dtype=torch.float64)
+    sat = torch.tensor([1.4, 0.6, 1.1], dtype=torch.float64)  # 1.4 clips some saturations at 1
+    con = torch.tensor([0.7, 1.35, 1.0], dtype=torch.float64)
+    hue = torch.tensor([0.17, -0.2, 0.05], dtype=torch.float64)
+    out = brave_color_ops(x, delta, sat, con, hue)
+    for b in range(3):
+        ref = _naive_tf_colour(x[b].numpy(), *(float(v[b]) for v in (delta, sat, con, hue)))
+        assert np.allclose(out[b].numpy(), ref, atol=1e-9), b
+    # a broken variant fails: contrast before saturation (torchvision's order) differs
+    swapped = out.clone()
+    for b in range(3):
+        y = x[b : b + 1] + delta[b]
+        m = y.mean(dim=(3, 4), keepdim=True)
+        y = (y - m) * con[b] + m
+        from cropbench.evaluations.action import tf_adjust_saturation
+        from cropbench.methods.views import adjust_hue
+
+        swapped[b] = adjust_hue(tf_adjust_saturation(y, sat[b : b + 1]), hue[b : b + 1]).clamp(0, 1)[0]
+    assert (swapped - out).abs().max() > 1e-3
+
+
+def test_brave_colour_augment_probabilities_and_linear_mode_only():
+    """p(colour) = 0.8 and p(grey) = 0.2 per clip (binomial, n = 4000: 4 sd = 0.025); every frame
+    of a clip gets the same draw; fine-tuning clips get no colour augmentation."""
+    from cropbench.evaluations.action import brave_color_augment
+
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor([0.6, 0.3, 0.2]).view(1, 3, 1, 1, 1).expand(n, 3, 2, 1, 1).contiguous()
+    out = brave_color_augment(base, g)
+    grey = (out.amax(dim=1) - out.amin(dim=1)).abs().amax(dim=(1, 2, 3)) < 1e-6
+    changed = (out - base).abs().amax(dim=(1, 2, 3, 4)) > 1e-6
+    assert abs(grey.float().mean().item() - 0.2) < 0.025
+    assert abs(changed[~grey].float().mean().item() - 0.8) < 0.03
+    assert torch.allclose(out[:, :, 0], out[:, :, 1])  # one draw for all frames of a clip
+
+
+def test_linear_training_clips_are_colour_augmented_finetune_clips_are_not(brightness_root, monkeypatch):
+    import cropbench.evaluations.action as action
+    from cropbench.data import build_dataset
+
+    calls = []
+    real = action.brave_color_augment
+    monkeypatch.setattr(action, "brave_color_augment", lambda x, g: calls.append(x.shape) or real(x, g))
+    for mode in ("linear", "finetune"):
+        s = ActionSettings(mode=mode, image_size=16, crop=12, frames=4, stride=1, batch_size=64, ft_batch=64)
+        ds = build_dataset("synth_ucf101", "train1", brightness_root, image_size=16)
+        views, _ = next(action.train_batches(ds, s, 0, torch.Generator().manual_seed(0), shuffle=False))
+        assert views.shape[1:] == (3, 4, 12, 12)
+        assert len(calls) == 1  # linear: once; finetune: not again
