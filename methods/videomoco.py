@@ -11,7 +11,7 @@ generator that drops frames of the query clip and (2) temporal decay of the queu
   −100·L1(q_fake, q_real) + InfoNCE: a deviation in the entry).
 * Temporal decay: a negative key enqueued ``a`` iterations ago enters the logits as
   t^a · q·k / τ (t = 0.99999; the official code scales the queued keys by t^age, age counted in
-  iterations, 1 for the newest).
+  iterations, 1 for the newest; a never-written slot counts the enqueues so far, as official ``count``).
 * The query and key are two spatial augmentations of the *same* clip (the official loader), and
   the generator only acts after ``adversarial_from`` of training (official: 100 of 200 epochs).
 """
@@ -89,9 +89,7 @@ def drop_frames(x: Tensor, scores: Tensor, drop: int) -> tuple[Tensor, Tensor]:
     return _TopkDrop.apply(x, scores, drop)
 
 
-def decayed_info_nce(
-    q: Tensor, k: Tensor, queue: Tensor, age: Tensor, decay: float, temperature: float
-) -> Tensor:
+def decayed_info_nce(q: Tensor, k: Tensor, queue: Tensor, age: Tensor, decay: float, temperature: float) -> Tensor:
     """InfoNCE with temporally decayed negatives (VideoMoCo): logits [q·k, t^age_j · q·n_j] / τ.
 
     q, k: N×D (k without gradient), queue: K×D, age: K (iterations since each key was enqueued).
@@ -124,9 +122,7 @@ class VideoMoCo(VideoMoCoV2):
         projector_bn: bool = False  # MoCoV2's option (BN projector); the official MLP has none
         decay: float = 0.99999  # temporal decay t (official builder.py)
         drop: int = 8  # frames dropped per clip (official: 8 of 32)
-        adversarial_from: float = (
-            0.5  # fraction of training before the generator acts (100 of 200 epochs)
-        )
+        adversarial_from: float = 0.5  # fraction of training before the generator acts (100 of 200 epochs)
         generator_weight: float = 1.0  # gradient-reversal strength ("reverse")
         # "reverse": the generator ascends the InfoNCE (paper); "official": released train.py,
         # the generator descends −l1_weight·L1(q_fake, q_real) + InfoNCE, the encoder InfoNCE only
@@ -137,32 +133,35 @@ class VideoMoCo(VideoMoCoV2):
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
         super().__init__(cfg, backbone, ctx)
         if not 0 < cfg.drop < cfg.views.frames:
-            raise ValueError(
-                f"params.drop: expected 1..{cfg.views.frames - 1} frames, got {cfg.drop}"
-            )
+            raise ValueError(f"params.drop: expected 1..{cfg.views.frames - 1} frames, got {cfg.drop}")
         self.generator = FrameScorer(cfg.views.frames)
+        # iterations since each slot was written, as the official ``count``: every enqueue adds 1
+        # to all slots and sets the written ones to 1; a never-written slot counts the enqueues so far
+        self.register_buffer("slot_age", torch.zeros(cfg.queue_size, dtype=torch.long))
 
     def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
         starts = None
         if self.cfg.same_clip:
-            starts = sample_starts(
-                len(batch), batch.video.shape[2], self.cfg.views, generator, batch.video.device
-            )
-        return [
-            make_video_view(batch.video, vc, generator, starts, batch.looped)
-            for vc in self.view_configs
-        ]
+            starts = sample_starts(len(batch), batch.video.shape[2], self.cfg.views, generator, batch.video.device)
+        return [make_video_view(batch.video, vc, generator, starts, batch.looped) for vc in self.view_configs]
 
     def queue_age(self) -> Tensor:
-        """K: iterations since each queue slot was written (1 = this step's predecessor)."""
-        per_step = self.ctx.batch_size * self.ctx.dist.world_size
-        return self.queue.age() // per_step + 1
+        """K: iterations since each queue slot was written (1 = the previous step's keys; a slot
+        still holding its random initial key counts every enqueue so far, 0 at the first step)."""
+        return self.slot_age
+
+    @torch.no_grad()
+    def enqueue(self, k: Tensor) -> None:
+        """MoCo's enqueue (all processes' keys), then the official count update."""
+        start = self.queue.ptr.clone()
+        super().enqueue(k)
+        n = min(k.shape[0] * self.ctx.dist.world_size, self.queue.size)
+        written = (start + torch.arange(n, device=start.device)) % self.queue.size
+        self.slot_age.add_(1).index_fill_(0, written, 1)
 
     def instance_loss(self, q: Tensor, k: Tensor) -> Tensor:
         age = self.queue_age()
-        return decayed_info_nce(
-            q, k, self.queue.keys.clone(), age, self.cfg.decay, self.cfg.temperature
-        )
+        return decayed_info_nce(q, k, self.queue.keys.clone(), age, self.cfg.decay, self.cfg.temperature)
 
     def _adversarial_query(self, x_q: Tensor, logs: dict[str, Tensor]) -> Tensor:
         """Query of the frame-dropped clip; wires the generator's gradient per ``generator_loss``."""

@@ -39,9 +39,7 @@ def _method(name: str, **params: object) -> torch.nn.Module:
 def _batch(window: int = 49, n: int = 4) -> VideoBatch:
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (n, 3, window, 40, 40), dtype=torch.uint8, generator=g)
-    return VideoBatch(
-        video, torch.arange(n), torch.arange(n), looped=torch.zeros(n, dtype=torch.bool)
-    )
+    return VideoBatch(video, torch.arange(n), torch.arange(n), looped=torch.zeros(n, dtype=torch.bool))
 
 
 @pytest.mark.parametrize(
@@ -101,23 +99,13 @@ def test_decayed_info_nce_matches_the_formula_and_reduces_to_moco():
 
 
 def test_videomoco_queue_age_counts_iterations():
+    """Official ``count``: each enqueue ages every slot by 1 and sets the written ones to 1; the
+    slots still holding random initial keys count the enqueues so far (2 after two steps)."""
     m = _method("videomoco", queue_size=12, drop=2)
+    assert m.queue_age().tolist() == [0] * 12
     for _ in range(2):
         m.enqueue(torch.randn(4, 16))  # batch_size 4 per step
-    assert m.queue_age().tolist() == [
-        2,
-        2,
-        2,
-        2,
-        1,
-        1,
-        1,
-        1,
-        3,
-        3,
-        3,
-        3,
-    ]  # slots 8-11: initial keys, oldest
+    assert m.queue_age().tolist() == [2] * 4 + [1] * 4 + [2] * 4
 
 
 def test_drop_frames_forward_and_official_custom_backward():
@@ -231,17 +219,11 @@ def test_paramcrop_cubes_by_hand_and_always_inside_the_clip():
             [0.5, 0.5, 0.0, 1.0, 0.5, 0.0],
         ]
     )
-    boxes, times = params_to_cubes(
-        p, spatial=(0.4, 1.0), temporal=(0.5, 1.0), window=20, size=(10, 30)
-    )
+    boxes, times = params_to_cubes(p, spatial=(0.4, 1.0), temporal=(0.5, 1.0), window=20, size=(10, 30))
     assert boxes.tolist()[0] == pytest.approx([0, 0, 12, 4])  # smallest cube, first corner
     assert times.tolist()[0] == pytest.approx([0, 10])
-    assert boxes.tolist()[1] == pytest.approx([0, 0, 30, 10]) and times.tolist()[
-        1
-    ] == pytest.approx([0, 20])
-    assert boxes.tolist()[2] == pytest.approx([0, 1.5, 12, 8.5]) and times.tolist()[
-        2
-    ] == pytest.approx([5, 20])
+    assert boxes.tolist()[1] == pytest.approx([0, 0, 30, 10]) and times.tolist()[1] == pytest.approx([0, 20])
+    assert boxes.tolist()[2] == pytest.approx([0, 1.5, 12, 8.5]) and times.tolist()[2] == pytest.approx([5, 20])
     rand = torch.rand(1000, 6)
     b, t = params_to_cubes(rand, (0.35, 1.0), (0.5, 1.0), 16, (40, 40))
     assert b.min() >= 0 and b[:, 2:].max() <= 40 and t.min() >= 0 and t.max() <= 16
@@ -272,9 +254,7 @@ def test_paramcrop_logs_epoch_iou_and_draws_the_curve(tmp_path):
         json.dumps({"epoch": 1, "view_iou": 0.9, "view_centre_distance": 0.1}) + "\n"
     )
     out = m.on_epoch_end(1, SimpleNamespace(run_dir=tmp_path))
-    assert (
-        out["view_iou"] == pytest.approx(expected, rel=1e-5) and 0 < out["view_centre_distance"] < 2
-    )
+    assert out["view_iou"] == pytest.approx(expected, rel=1e-5) and 0 < out["view_centre_distance"] < 2
     assert (tmp_path / "paramcrop_views.png").read_bytes()[:4] == b"\x89PNG"
     assert m.on_epoch_end(2, SimpleNamespace(run_dir=tmp_path)) == {}  # nothing accumulated since
     assert isinstance(CubeGenerator(4, 8)(torch.randn(3, 4)), torch.Tensor)
@@ -283,10 +263,7 @@ def test_paramcrop_logs_epoch_iou_and_draws_the_curve(tmp_path):
 def test_brave_loss_is_the_mean_of_both_directions():
     torch.manual_seed(0)
     h, z = torch.randn(6, 8), torch.randn(6, 8)
-    naive = (
-        sum(0.5 * float(((h[i] / h[i].norm() - z[i] / z[i].norm()) ** 2).sum()) for i in range(6))
-        / 6
-    )
+    naive = sum(0.5 * float(((h[i] / h[i].norm() - z[i] / z[i].norm()) ** 2).sum()) for i in range(6)) / 6
     assert regression(h, z).item() == pytest.approx(naive, rel=1e-5)
     m = _method("brave")
     batch, g = _batch(), torch.Generator().manual_seed(1)
@@ -352,9 +329,7 @@ VIDEO_METHODS = [
 
 
 def test_the_list_covers_every_registered_video_method():
-    assert {
-        n for n in METHODS.names() if getattr(METHODS.get(n), "modality", "") == "video"
-    } == set(VIDEO_METHODS)
+    assert {n for n in METHODS.names() if getattr(METHODS.get(n), "modality", "") == "video"} == set(VIDEO_METHODS)
 
 
 @pytest.mark.parametrize("name", VIDEO_METHODS)
@@ -371,8 +346,6 @@ def test_every_video_method_takes_a_finite_training_step(name, tmp_path):
     out.loss.backward()
     opt.step()
     m.after_step(1)
-    assert any(
-        not torch.equal(a, b.detach()) for a, b in zip(before, m.backbone.parameters(), strict=True)
-    )
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, m.backbone.parameters(), strict=True))
     assert m.encoder is m.backbone and m.modality == "video"
     assert isinstance(m.on_epoch_end(0, SimpleNamespace(run_dir=Path(tmp_path))), dict)
