@@ -6,7 +6,11 @@
 2. Each entry's ``references`` against the mean over seeds of the records at that scale, if any.
 3. Each entry's ``claims`` when both sides have records at that scale.
 
-Every comparison that fails becomes a ``Miss``; ``CheckReport.table()`` lists them all.
+Every comparison is kept (``CheckReport.compared``); one that fails is also a ``Miss``.
+``CheckReport.table()`` lists every comparison, pass or miss, then what was *not* compared: goldens
+without a fresh record ("not run": information, a miss only with ``require_all``, as CI asks) and
+modified records (run with ``--set`` overrides), which are never compared with a paper reference,
+a claim, or a golden of another recipe.
 """
 
 from __future__ import annotations
@@ -80,28 +84,37 @@ class Miss:
 @dataclass
 class CheckReport:
     misses: list[Miss] = field(default_factory=list)
-    checked: int = 0  # comparisons made (a missing record counts as one)
+    checked: int = 0  # comparisons made (with require_all, a missing record counts as one)
+    compared: list[tuple[Miss, bool]] = field(default_factory=list)  # every comparison, passed?
+    not_run: list[str] = field(default_factory=list)  # golden keys without a fresh record
+    modified: dict[str, str] = field(default_factory=dict)  # record key -> its overrides, not compared
 
     @property
     def passed(self) -> bool:
         return not self.misses
 
     def table(self) -> str:
-        """Every miss as a table (sorted), then a one-line summary; deterministic text."""
-        summary = f"{self.checked} comparisons, {len(self.misses)} misses\n"
-        if self.passed:
-            return "check passed: " + summary
+        """Every comparison (sorted; status ok or MISS), then what was not compared, then a
+        one-line summary; deterministic text."""
         fmt = lambda x: "–" if x is None else f"{x:.6g}"
         rows = [
-            [m.key, m.metric, fmt(m.expected), fmt(m.got), fmt(m.tolerance), m.reason]
-            for m in sorted(self.misses, key=lambda m: (m.key, m.metric, m.reason))
+            [m.key, m.metric, fmt(m.expected), fmt(m.got), fmt(m.tolerance), "ok" if ok else "MISS", m.reason]
+            for m, ok in sorted(self.compared, key=lambda c: (c[0].key, c[0].metric, c[0].reason))
         ]
-        headers = ["key", "metric", "expected", "got", "tolerance", "reason"]
-        return (
-            tabulate(rows, headers, tablefmt="github", disable_numparse=True)
-            + "\ncheck FAILED: "
-            + summary
-        )
+        headers = ["key", "metric", "expected", "got", "tolerance", "status", "reason"]
+        out = tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n" if rows else ""
+        if self.not_run:
+            out += f"not run ({len(self.not_run)} goldens without a fresh record; --require-all makes them misses):\n"
+            out += "".join(f"  {k}\n" for k in sorted(self.not_run))
+        if self.modified:
+            out += f"not compared ({len(self.modified)} modified records: run with --set overrides):\n"
+            out += "".join(f"  {k}: {v}\n" for k, v in sorted(self.modified.items()))
+        summary = f"{self.checked} comparisons, {len(self.misses)} misses"
+        extra = f", {len(self.not_run)} not run" if self.not_run else ""
+        extra += f", {len(self.modified)} modified not compared" if self.modified else ""
+        verdict = "check passed" if self.passed else "check FAILED"
+        nothing = " (nothing was compared: no records match a golden, reference or claim)" if not self.compared else ""
+        return f"{out}{verdict}: {summary}{extra}{nothing}\n"
 
 
 def _compare(
@@ -113,29 +126,38 @@ def _compare(
     tol: Tolerance,
     reason: str,
 ) -> None:
-    report.checked += 1
     allowed = tol.allowed(expected)
     if got is None:
-        report.misses.append(
-            Miss(key, metric, expected, None, allowed, f"{reason}: metric missing")
-        )
-    elif not abs(got - expected) <= allowed:  # also catches NaN
-        report.misses.append(
-            Miss(key, metric, expected, got, allowed, f"{reason}: off by {got - expected:+.6g}")
-        )
+        _add(report, Miss(key, metric, expected, None, allowed, f"{reason}: metric missing"), False)
+    else:  # the NaN test fails for a NaN: a miss
+        ok = abs(got - expected) <= allowed
+        _add(report, Miss(key, metric, expected, got, allowed, f"{reason}: off by {got - expected:+.6g}"), ok)
 
 
-def _check_goldens(
-    report: CheckReport, goldens: list[Record], fresh: dict, tol: Tolerances, allow_missing: bool
-) -> None:
-    """1. each golden record against the fresh record of the same key."""
+def _add(report: CheckReport, m: Miss, ok: bool) -> None:
+    report.checked += 1
+    report.compared.append((m, ok))
+    if not ok:
+        report.misses.append(m)
+
+
+def _overrides_text(rec: Record) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(rec.overrides.items()))
+
+
+def _check_goldens(report: CheckReport, goldens: list[Record], fresh: dict, tol: Tolerances, require_all: bool) -> None:
+    """1. each golden record against the fresh record of the same key and the same overrides."""
     for gold in goldens:
         key = str(gold.key)
         rec = fresh.get(gold.key)
+        if rec is not None and rec.overrides != gold.overrides:
+            report.modified[key] = f"{_overrides_text(rec) or 'none'} (golden: {_overrides_text(gold) or 'none'})"
+            rec = None
         if rec is None:
-            if not allow_missing:
-                report.checked += 1
-                report.misses.append(Miss(key, "*", None, None, None, "not run"))
+            if key not in report.modified:
+                report.not_run.append(key)
+            if require_all:
+                _add(report, Miss(key, "*", None, None, None, "not run"), False)
             continue
         for metric, value in sorted(gold.metrics.items()):
             _compare(
@@ -161,7 +183,7 @@ def _check_goldens(
 
 
 def _means(records: list[Record]) -> dict[tuple, dict[str, float]]:
-    """(scale, entry, variant, eval) -> metric -> mean over seeds."""
+    """(scale, entry, variant, eval) -> metric -> mean over seeds (pass unmodified records only)."""
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         for metric, v in r.metrics.items():
@@ -190,26 +212,15 @@ def _check_claim(report: CheckReport, entry: Entry, claim: Claim, means: dict) -
     """3. 'variant beats baseline by >= min_delta' when both sides have records at its scale."""
     base_entry, _, base_variant = claim.baseline.partition("/")
     ours = means.get((claim.scale, entry.name, claim.variant, claim.eval), {}).get(claim.metric)
-    base = means.get((claim.scale, base_entry, base_variant or "default", claim.eval), {}).get(
-        claim.metric
-    )
+    base = means.get((claim.scale, base_entry, base_variant or "default", claim.eval), {}).get(claim.metric)
     if ours is None or base is None:
         return
-    report.checked += 1
     delta = ours - base
-    if not delta >= claim.min_delta:
-        key = f"{claim.scale}/{entry.name}/{claim.variant}/{claim.eval}"
-        report.misses.append(
-            Miss(
-                key,
-                claim.metric,
-                base + claim.min_delta,
-                ours,
-                None,
-                f"claim: {claim.text} (Δ {delta:+.2f} vs {claim.baseline} "
-                f"< {claim.min_delta:+.2f})",
-            )
-        )
+    ok = delta >= claim.min_delta
+    key = f"{claim.scale}/{entry.name}/{claim.variant}/{claim.eval}"
+    sign = ">=" if ok else "<"
+    why = f"claim: {claim.text} (Δ {delta:+.2f} vs {claim.baseline} {sign} {claim.min_delta:+.2f})"
+    _add(report, Miss(key, claim.metric, base + claim.min_delta, ours, None, why), ok)
 
 
 def check(
@@ -217,9 +228,10 @@ def check(
     golden_root: Path,
     entries_root: Path = BENCHMARKS_DIR,
     scale: str | None = None,
-    allow_missing: bool = False,
+    require_all: bool = False,
 ) -> CheckReport:
-    """Compare fresh records with goldens, entry references and claims (one scale or all)."""
+    """Compare fresh records with goldens, entry references and claims (one scale or all).
+    Modified records (``--set`` overrides) meet only goldens of the same overrides."""
     golden_root = Path(golden_root)
     keep = lambda recs: [r for r in recs if scale is None or r.scale == scale]
     records = keep(load_records(Path(records_root)))
@@ -227,8 +239,12 @@ def check(
     report = CheckReport()
     if goldens:
         tol = load_tolerances(golden_root / TOLERANCES_FILE)
-        _check_goldens(report, goldens, {r.key: r for r in records}, tol, allow_missing)
-    means = _means(records)
+        _check_goldens(report, goldens, {r.key: r for r in records}, tol, require_all)
+    golden_keys = {g.key for g in goldens}
+    for r in records:
+        if r.overrides and r.key not in golden_keys:
+            report.modified[str(r.key)] = _overrides_text(r)
+    means = _means([r for r in records if not r.overrides])
     for name in list_entries(Path(entries_root)):
         entry = load_entry(name, Path(entries_root))
         for ref in entry.references:

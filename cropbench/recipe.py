@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ class OptimConfig:
     milestones: tuple[float, ...] = ()  # epochs at which 'step' multiplies lr by 0.1
     exclude_bias_norm: bool = False  # LARS-style: no weight decay / adaptation on bias and norm params
     trust_coefficient: float = 0.001  # LARS only
+    nesterov: bool = False  # SGD / LARS: Nesterov momentum (BraVe's optax.lars: nesterov=True)
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,57 @@ class Recipe:
         return to_dict(self)
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Identity of the whole recipe (records): sha256 of its sorted JSON, 16 hex digits."""
+        return _hash(self.to_dict())
+
+    def pretrain_hash(self) -> str:
+        """Identity of the pretrained weights (checkpoints, ``--resume``): the recipe without
+        ``eval`` (evaluation settings) and ``deviations`` (notes), which do not change training;
+        so fixing an evaluation setting can resume from the pretrained checkpoint."""
+        return _hash({k: v for k, v in self.to_dict().items() if k not in ("eval", "deviations")})
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _at_least(lo: float) -> Callable[[Any], bool]:
+    return lambda v: v is not None and math.isfinite(v) and v >= lo
+
+
+def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or test(v)
+
+
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+# key path -> (test, what is expected): ranges the dataclass types cannot say, checked on every
+# resolved recipe so that a bad value is an error naming it before anything runs
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "train.epochs": (_at_least(1), "an integer >= 1"),
+    "train.batch_size": (_at_least(1), "an integer >= 1"),
+    "train.log_every": (_at_least(1), "an integer >= 1"),
+    "train.max_steps_per_epoch": (_optional(_at_least(1)), "null (no cap) or an integer >= 1"),
+    "train.grad_clip": (_optional(_POSITIVE[0]), "null (no clipping) or a number > 0"),
+    "optim.lr": _POSITIVE,
+    "optim.base_batch": (_at_least(1), "an integer >= 1"),
+    "optim.weight_decay": (_at_least(0), "a number >= 0"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.warmup_epochs": (_at_least(0), "a number >= 0"),
+    "optim.trust_coefficient": _POSITIVE,
+    "data.image_size": (_at_least(1), "an integer >= 1"),
+    "data.num_workers": (_at_least(0), "an integer >= 0"),
+    "data.limit": (_optional(_at_least(1)), "null (all samples) or an integer >= 1"),
+}
+
+
+def check_ranges(recipe: Recipe, where: str) -> Recipe:
+    """``ConfigError`` naming the first key of ``RANGES`` whose value is out of range."""
+    for path, (test, expected) in RANGES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if not test(value):
+            raise ConfigError(f"{where}: {path}: expected {expected}, got {value!r}")
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -100,6 +152,22 @@ class Reference:
     variant: str = "default"
     scale: Scale = "paper"
     tolerance: float = 1.0  # absolute, in the metric's units
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Related:
+    """Another method's published number, shown next to an entry for context (``cropbench show``).
+
+    Not a reference: ``check`` never compares records with it (a reference must be the paper's
+    own number, or absent)."""
+
+    method: str  # e.g. "PixPro 100 ep"
+    eval: str
+    metric: str
+    value: float
+    source: str
+    scale: Scale = "paper"
     note: str = ""
 
 
@@ -133,6 +201,7 @@ class Entry:
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # 'base' + one per scale
     variants: dict[str, Variant] = field(default_factory=lambda: {"default": Variant()})
     references: tuple[Reference, ...] = ()
+    related: tuple[Related, ...] = ()  # other methods' numbers, context only: never checked
     claims: tuple[Claim, ...] = ()
     notes: str = ""
     path: str = ""  # set by the loader
@@ -159,7 +228,7 @@ class Entry:
 
     def recipe(self, variant: str = "default", scale: str = "micro", overrides: dict | None = None) -> Recipe:
         where = f"{self.path} (variant {variant!r}, scale {scale!r})"
-        return from_dict(Recipe, self.raw_recipe(variant, scale, overrides), where)
+        return check_ranges(from_dict(Recipe, self.raw_recipe(variant, scale, overrides), where), where)
 
 
 def parse_entry(data: Any, path: str) -> Entry:
@@ -203,16 +272,47 @@ def load_entry(name: str, root: Path = BENCHMARKS_DIR) -> Entry:
     return load_entry_file(path)
 
 
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value as a user writes it: integers (``-1``, ``1_000``) and finite floats
+    (``1e-3``, ``1E-3``, ``.5``) by Python's number syntax (YAML 1.1 reads ``1e-3`` as text);
+    anything else as a YAML scalar or list (``true``, ``null``, ``[0.2, 1.0]``, ``cosine``)."""
+    text = raw.strip()
+    for number in (int, float):
+        try:
+            value = number(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set value {raw!r} is neither a number nor valid YAML: {e}") from e
+
+
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict:
-    """``["train.epochs=3", "optim.lr=0.1"]`` -> nested dict (values parsed as YAML scalars)."""
+    """``["train.epochs=3", "optim.lr=1e-3"]`` -> nested dict (values by ``parse_value``)."""
     out: dict = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
-        key, raw = item.split("=", 1)
+        key, eq, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.epochs=2")
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} was already set to a value")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"--set {item!r}: {key} is a section with keys set by other --set options")
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 1}}`` -> ``{"train.epochs": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        out.update(flatten(v, path + ".") if isinstance(v, dict) and v else {path: v})
     return out

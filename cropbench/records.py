@@ -53,6 +53,13 @@ class Record:
         return RecordKey(self.scale, self.entry, self.variant, self.eval, self.seed)
 
     @property
+    def overrides(self) -> dict[str, Any]:
+        """``--set``/``--split`` keys that changed the entry's recipe (key path -> value); a record
+        with any is *modified*: tables mark it and ``check`` keeps it from paper references."""
+        found = self.provenance.get("overrides") or {}
+        return dict(found) if isinstance(found, dict) else {}
+
+    @property
     def deviations(self) -> dict[str, str]:
         """The resolved recipe's ``deviations`` (key path -> why it departs from the paper)."""
         recipe = self.provenance.get("recipe") or {}
@@ -71,9 +78,7 @@ def record_path(root: Path, key: _HasKey) -> Path:
     """``<root>/<scale>/<entry>/<variant>/<eval>/seed<seed>.json`` for a Record or RecordKey."""
     for part in (key.scale, key.entry, key.variant, key.eval):
         if not part or "/" in part or part.startswith("."):
-            raise CropbenchError(
-                f"record key part {part!r} cannot be a folder name (key {tuple(key)})"
-            )
+            raise CropbenchError(f"record key part {part!r} cannot be a folder name (key {tuple(key)})")
     return Path(root) / key.scale / key.entry / key.variant / key.eval / f"seed{key.seed}.json"
 
 
@@ -116,13 +121,18 @@ def read_record(path: Path) -> Record:
 def load_records(root: Path) -> list[Record]:
     """All records under ``root`` by key; a key that disagrees with its path is an error."""
     root = Path(root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise CropbenchError(
+            f"records folder {root} {what}; check the --records / --golden path "
+            "(cropbench run writes records under its --out)"
+        )
     out = []
     for path in sorted(root.glob("*/*/*/*/seed*.json")):
         rec = read_record(path)
         if record_path(root, rec) != path:
             raise CropbenchError(
-                f"{path}: record key {rec.key} does not match its location "
-                f"(expected {record_path(root, rec)})"
+                f"{path}: record key {rec.key} does not match its location (expected {record_path(root, rec)})"
             )
         out.append(rec)
     return sorted(out, key=lambda r: r.key)
@@ -149,9 +159,7 @@ def _git(*args: str, cwd: Path = PACKAGE_DIR) -> str | None:
 
 def recipe_hash(recipe_dict: dict) -> str:
     """Same hash as ``Recipe.hash()``: sha256 of the sorted-key JSON, first 16 hex digits."""
-    return hashlib.sha256(
-        json.dumps(recipe_dict, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Run one benchmark entry: resolve its recipe, pretrain, evaluate, write records.
 
 recipe  = entry.recipe(variant, scale, overrides)     # validated, frozen
+preflight(spec, entry, ...)                            # every check that can fail, before training
 method  = METHODS[recipe.method](Config(recipe.params), backbone, ctx)
 result  = Trainer(method, dataset, recipe).fit()       # or torch.distributed workers (--nproc)
 metrics = EVALUATIONS[name].evaluate(encoder, Settings(recipe.eval[name]), EvalData)
@@ -9,13 +10,15 @@ write_record(out, Record(entry, variant, scale, eval, seed, metrics, pretrain, p
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import os
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,14 @@ import torch.distributed as dist
 
 from cropbench.backbones import build_backbone
 from cropbench.config import deep_merge, from_dict
-from cropbench.data import build_dataset, default_data_root
+from cropbench.data import build_dataset, default_data_root, validate_dataset
 from cropbench.dist import DistContext, params_checksum
 from cropbench.errors import ConfigError, CropbenchError, TrainingError
 from cropbench.evaluations.base import EvalData
 from cropbench.methods.base import MethodContext, SSLMethod
-from cropbench.recipe import Entry, Recipe, load_entry
+from cropbench.recipe import Entry, Recipe, flatten, load_entry
 from cropbench.registry import EVALUATIONS, METHODS
-from cropbench.trainer import Trainer, TrainResult
+from cropbench.trainer import CHECKPOINT, Trainer, TrainResult, read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM_INIT = "+random_init"
@@ -48,12 +51,13 @@ class RunSpec:
     data_root: Path | None = None
     device: str = "auto"
     nproc: int = 1
-    resume: bool = False
+    resume: bool = False  # continue from the run folder's checkpoint; without one, start over (said)
     out: Path = REPO_ROOT / "results" / "records"
     work_dir: Path = Path("runs")
     overrides: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False  # also evaluate the same encoder at its initialisation
     quiet: bool = False
+    resume_strict: bool = False  # with resume: a missing checkpoint is an error, not a fresh start
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,12 +75,30 @@ def seeded_recipe(entry: Entry, spec: RunSpec, seed: int) -> Recipe:
 
 
 def build_method(recipe: Recipe, ctx: MethodContext, where: str = "") -> SSLMethod:
-    """Method class from the registry, its Config validated from ``recipe.params``."""
+    """Method class from the registry, its Config validated from ``recipe.params``; a setting the
+    method or backbone rejects is a ``ConfigError`` naming the recipe."""
     cls = METHODS.get(recipe.method)
     cfg = from_dict(cls.Config, recipe.params, where, "params")
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
-    backbone = build_backbone(recipe.backbone, **recipe.backbone_args)
-    return cls(cfg, backbone, ctx)
+    try:
+        backbone = build_backbone(recipe.backbone, **recipe.backbone_args)
+        method = cls(cfg, backbone, ctx)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {recipe.method} on {recipe.backbone} rejects these settings: {e}") from e
+    _check_stride(cfg, backbone, where)
+    return method
+
+
+def _check_stride(cfg: Any, backbone: torch.nn.Module, where: str) -> None:
+    """Region swapping (RegionCL) cuts boxes on the backbone's output grid: the view side must be
+    a multiple of its output stride (RegionCL ``cutMix`` boxes are multiples of 32 px)."""
+    stride, views = getattr(backbone, "output_stride", None), getattr(cfg, "views", None)
+    size = getattr(views, "size", None)
+    if hasattr(cfg, "region") and isinstance(stride, int) and isinstance(size, int) and size % stride:
+        raise ConfigError(
+            f"{where}: params.views.size: {size} is not a multiple of the backbone's output stride "
+            f"{stride}; region boxes lie on that grid (e.g. {max(stride, size - size % stride)})"
+        )
 
 
 def build_train_set(recipe: Recipe, data_root: Path | None) -> Any:
@@ -176,24 +198,30 @@ def pretrain_distributed(
         s["images_per_s"],
         s["wall_s"],
         run_dir / "checkpoint.pt",
+        {k: v for k, v in s.items() if k.startswith("loss_") and k not in ("loss_first", "loss_last")},
     )
 
 
 def load_encoder(checkpoint: Path, device: torch.device) -> torch.nn.Module:
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """The encoder of a cropbench checkpoint, read with ``weights_only=True`` (never runs code)."""
+    blob = read_checkpoint(checkpoint)
     enc = build_backbone(blob["backbone"], **blob["backbone_args"])
     enc.load_state_dict(blob["encoder"])
     return enc.to(device)
 
 
-def evaluate(
-    encoder: torch.nn.Module, name: str, recipe: Recipe, modality: str, data: EvalData, where: str
-) -> dict[str, float]:
+def eval_settings(name: str, recipe: Recipe, modality: str, where: str) -> Any:
+    """The evaluation's ``Settings`` validated from ``recipe.eval[name]``."""
     ev = EVALUATIONS.get(name)
     if ev.modality != modality:
         raise ConfigError(f"evaluation {name!r} is for {ev.modality} encoders; this entry's encoder is {modality}")
-    settings = from_dict(ev.Settings, recipe.eval.get(name, {}), where, f"eval.{name}")
-    return ev.evaluate(encoder, settings, data)
+    return from_dict(ev.Settings, recipe.eval.get(name, {}), where, f"eval.{name}")
+
+
+def evaluate(
+    encoder: torch.nn.Module, name: str, recipe: Recipe, modality: str, data: EvalData, where: str
+) -> dict[str, float]:
+    return EVALUATIONS.get(name).evaluate(encoder, eval_settings(name, recipe, modality, where), data)
 
 
 def _log(quiet: bool) -> Callable[[str], None]:
@@ -229,49 +257,193 @@ def _check_evals(entry: Entry, evals: tuple[str, ...]) -> None:
         EVALUATIONS.get(name)
 
 
-def run(spec: RunSpec) -> list[Any]:
-    """Pretrain + evaluate every seed of one entry/variant; returns the records written."""
-    from cropbench.records import Record, collect_provenance, write_record
+# ---------------------------------------------------------------- preflight
+def eval_splits(settings: Any) -> list[str]:
+    """The dataset splits an evaluation reads: its ``*_split`` fields, or ``train<N>``/``test<N>``
+    for the official video splits (``split: all`` = 1, 2 and 3)."""
+    splits = [v for k, v in vars(settings).items() if k.endswith("_split") and isinstance(v, str)]
+    fold = getattr(settings, "split", None)
+    if isinstance(fold, str):
+        folds = ["1", "2", "3"] if fold == "all" else [fold]
+        splits += [f"{part}{f}" for f in folds for part in ("train", "test")]
+    return list(dict.fromkeys(splits))
 
+
+def check_eval_data(settings: Any, data_root: Path, scale: str = "micro", field: str = "") -> None:
+    """Each split the evaluation will read exists and is well formed, and is real data at small /
+    paper scale (``cropbench.data.validate_dataset``: checks only, writes nothing)."""
+    validate_dataset(settings.dataset, data_root, tuple(eval_splits(settings)), scale, field)
+
+
+def check_writable(path: Path, option: str) -> None:
+    """``path`` is a folder, or can be made one, that we may write in (nothing is created)."""
+    full = Path(path).absolute()
+    for parent in (full, *full.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise CropbenchError(f"{option} {path}: {parent} is a file, not a folder; choose another {option}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CropbenchError(f"{option} {path}: {parent} is not writable; choose another {option}")
+        return
+
+
+def check_resume(spec: RunSpec, recipe: Recipe, run_dir: Path, log: Callable[[str], None]) -> None:
+    """With ``--resume``: the checkpoint is readable and of this pretraining recipe; a missing one
+    is said (with ``--resume=strict``, an error)."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        if spec.resume_strict:
+            raise CropbenchError(f"--resume=strict: no checkpoint at {path}; run without --resume to start")
+        log(f"--resume: no checkpoint at {path}, starting from scratch")
+        return
+    found = read_checkpoint(path).get("recipe_hash")
+    if found != recipe.pretrain_hash():
+        raise CropbenchError(
+            f"--resume: {path} was written by a different recipe (pretraining hash {found} != "
+            f"{recipe.pretrain_hash()}); start without --resume or use another --work-dir"
+        )
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    seed: int
+    recipe: Recipe
+    run_dir: Path
+
+
+def run_folder(spec: RunSpec, entry: str, seed: int) -> Path:
+    return Path(spec.work_dir) / spec.scale / entry / spec.variant / f"seed{seed}"
+
+
+def preflight(
+    spec: RunSpec, entry: Entry, evals: tuple[str, ...], data_root: Path, log: Callable[[str], None]
+) -> list[SeedPlan]:
+    """Everything that can be checked before the first training step: recipes (ranges, method
+    settings, view size vs stride), every evaluation's settings and dataset splits, the output
+    and work folders, and the checkpoints ``--resume`` would read. Writes nothing."""
+    where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
+    plans = [SeedPlan(s, seeded_recipe(entry, spec, s), run_folder(spec, entry.name, s)) for s in spec.seeds]
+    check_writable(spec.out, "--out")
+    check_writable(spec.work_dir, "--work-dir")
+    recipe = plans[0].recipe
+    settings = {name: eval_settings(name, recipe, entry.modality, where) for name in evals}
+    build_method(recipe, method_context(recipe, 10**9, DistContext()), where)
+    validate_dataset(recipe.data.dataset, data_root, recipe.data.train_split, spec.scale, "data.dataset")
+    for name, s in settings.items():
+        check_eval_data(s, data_root, spec.scale, f"eval.{name}.dataset")
+    if spec.resume:
+        for plan in plans:
+            check_resume(spec, plan.recipe, plan.run_dir, log)
+    return plans
+
+
+LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<run_dir>/run.lock`` while a run uses the folder. The kernel
+    drops it when the process ends, so a lock file left by a dead process never blocks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CropbenchError(
+                f"{run_dir} is in use by another cropbench run ({holder}); wait for it to finish, "
+                "or give this run another --work-dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def overrides_of(entry: Entry, spec: RunSpec, recipe: Recipe) -> dict[str, Any]:
+    """The ``--set`` (and ``--split``) keys that change the resolved recipe: key path -> value.
+    Records carry them; tables mark such records and ``check`` keeps them from paper references."""
+    base = flatten(entry.recipe(spec.variant, spec.scale, {"train": {"seed": recipe.train.seed}}).to_dict())
+    resolved = flatten(recipe.to_dict())
+    return {k: resolved.get(k) for k in sorted(flatten(spec.overrides)) if base.get(k) != resolved.get(k)}
+
+
+def resolve_data_root(spec: RunSpec) -> Path:
+    """``--data-root``, else ``$CROPBENCH_DATA``, else (micro only) the embedded-data cache."""
+    if spec.data_root:
+        return Path(spec.data_root)
+    if spec.scale == "micro" or os.environ.get("CROPBENCH_DATA"):
+        return default_data_root()
+    raise CropbenchError(f"--scale {spec.scale} reads real datasets: pass --data-root PATH or set CROPBENCH_DATA")
+
+
+def run(spec: RunSpec) -> list[Any]:
+    """Pretrain + evaluate every seed of one entry/variant; returns the records written.
+
+    Everything checkable is checked first (``preflight``); then every seed's run folder is locked
+    (a second run of the same folders is refused) and the seeds run one after another, each
+    writing its records as soon as they exist (a later failure never loses them)."""
     entry = load_entry(spec.entry)
     evals = spec.evals or entry.evaluations
     _check_evals(entry, evals)
     device, log = resolve_device(spec.device), _log(spec.quiet)
-    data_root = Path(spec.data_root) if spec.data_root else (default_data_root() if spec.scale == "micro" else None)
-    if data_root is None:
-        raise CropbenchError(f"--scale {spec.scale} reads real datasets: pass --data-root PATH or set CROPBENCH_DATA")
+    data_root = resolve_data_root(spec)
+    plans = preflight(spec, entry, evals, data_root, log)
+    with contextlib.ExitStack() as locks:
+        for plan in plans:
+            locks.enter_context(run_lock(plan.run_dir))
+        return [rec for plan in plans for rec in _run_seed(spec, entry, evals, plan, data_root, device, log)]
+
+
+def _run_seed(
+    spec: RunSpec,
+    entry: Entry,
+    evals: tuple[str, ...],
+    plan: SeedPlan,
+    data_root: Path,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> list[Any]:
+    """Pretrain one seed, evaluate it (and its random init), write one record per evaluation."""
+    from cropbench.records import Record, collect_provenance, write_record
+
+    seed, recipe, run_dir = plan.seed, plan.recipe, plan.run_dir
+    where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
+    tag = f"[{entry.name}/{spec.variant} seed {seed}]"
+    log(
+        f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({recipe.train.epochs} epochs, "
+        f"batch {recipe.train.batch_size}, {device}) -> {run_dir}"
+    )
+    t0 = time.perf_counter()
+    encoder, init_state, result = _pretrain_seed(spec, recipe, run_dir, data_root, device, where)
+    log(
+        f"{tag} pretrained in {time.perf_counter() - t0:.1f}s: loss {result.loss_first:.4f} -> "
+        f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
+    )
+    cache = Path(spec.work_dir) / "cache"
+    data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, DistContext(), log)
+    encoders = [(spec.variant, encoder, result.summary())]
+    if init_state is not None:
+        rand = copy.deepcopy(encoder)
+        rand.load_state_dict(init_state)
+        encoders.append((spec.variant + RANDOM_INIT, rand, {}))  # a random-init encoder had no pretraining
+    overrides = overrides_of(entry, spec, recipe)
     records = []
-    for seed in spec.seeds:
-        recipe = seeded_recipe(entry, spec, seed)
-        where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
-        run_dir = Path(spec.work_dir) / spec.scale / entry.name / spec.variant / f"seed{seed}"
-        tag = f"[{entry.name}/{spec.variant} seed {seed}]"
-        log(
-            f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({recipe.train.epochs} epochs, "
-            f"batch {recipe.train.batch_size}, {device}) -> {run_dir}"
-        )
-        t0 = time.perf_counter()
-        encoder, init_state, result = _pretrain_seed(spec, recipe, run_dir, data_root, device, where)
-        log(
-            f"{tag} pretrained in {time.perf_counter() - t0:.1f}s: loss {result.loss_first:.4f} -> "
-            f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
-        )
-        cache = Path(spec.work_dir) / "cache"
-        data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, DistContext(), log)
-        encoders = [(spec.variant, encoder, result.summary())]
-        if init_state is not None:
-            rand = copy.deepcopy(encoder)
-            rand.load_state_dict(init_state)
-            encoders.append((spec.variant + RANDOM_INIT, rand, {}))  # a random-init encoder had no pretraining
-        for name in evals:
-            for variant, enc, pre in encoders:
-                t1 = time.perf_counter()
-                metrics = {k: float(v) for k, v in evaluate(enc, name, recipe, entry.modality, data, where).items()}
-                wall = time.perf_counter() - t1
-                prov = collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv))
-                rec = Record(entry.name, variant, spec.scale, name, seed, metrics, pre, wall, prov)
-                path = write_record(Path(spec.out), rec)
-                shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
-                log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
-                records.append(rec)
+    for name in evals:
+        for variant, enc, pre in encoders:
+            t1 = time.perf_counter()
+            metrics = {k: float(v) for k, v in evaluate(enc, name, recipe, entry.modality, data, where).items()}
+            wall = time.perf_counter() - t1
+            prov = {**collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv)), "overrides": overrides}
+            rec = Record(entry.name, variant, spec.scale, name, seed, metrics, pre, wall, prov)
+            path = write_record(Path(spec.out), rec)
+            shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+            log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
+            records.append(rec)
     return records

@@ -3,8 +3,10 @@
 ``leaderboard`` prints one table per (scale, modality) group: rows are entry/variant, columns are
 evaluation/metric as mean ± sample std over seeds (plain mean with one seed), plus pretraining
 throughput and the number of seeds. Rows whose recipe has ``deviations`` carry a ``[n]`` marker and
-a footnote listing them. The output is a pure function of the records (sorted, fixed formats, no
-timestamps), so regenerating it gives identical bytes.
+a footnote listing them; rows of *modified* records (run with ``--set`` overrides, so not the entry's
+recipe) are labelled ``(modified)`` and their footnote lists the overrides first. The output is a
+pure function of the records (sorted, fixed formats, no timestamps), so regenerating it gives
+identical bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
@@ -61,24 +63,30 @@ class _Row:
     throughput: dict[int, float]  # seed -> pretrain images/s (one pretraining per seed)
     seeds: set[int]
     deviations: dict[str, str]
+    overrides: dict[str, str] = field(default_factory=dict)  # key path -> value, any seed's
 
     @property
     def label(self) -> str:
         return f"{self.entry}/{self.variant}"
 
+    def notes(self) -> str:
+        """Footnote text: the ``--set`` overrides (if any), then the recipe's deviations."""
+        parts = [f"modified by --set {', '.join(f'{k}={v}' for k, v in sorted(self.overrides.items()))}"]
+        parts = parts if self.overrides else []
+        return "; ".join(parts + [f"{k}: {v}" for k, v in sorted(self.deviations.items())])
+
 
 def _rows(records: Iterable[Record]) -> list[_Row]:
     rows: dict[tuple[str, str], _Row] = {}
     for rec in sorted(records, key=lambda r: r.key):
-        row = rows.setdefault(
-            (rec.entry, rec.variant), _Row(rec.entry, rec.variant, defaultdict(list), {}, set(), {})
-        )
+        row = rows.setdefault((rec.entry, rec.variant), _Row(rec.entry, rec.variant, defaultdict(list), {}, set(), {}))
         for metric, value in sorted(rec.metrics.items()):
             row.values[(rec.eval, metric)].append(float(value))
         if "images_per_s" in rec.pretrain:
             row.throughput[rec.seed] = float(rec.pretrain["images_per_s"])
         row.seeds.add(rec.seed)
         row.deviations.update(rec.deviations)
+        row.overrides.update({k: str(v) for k, v in rec.overrides.items()})
     return [rows[k] for k in sorted(rows)]
 
 
@@ -116,12 +124,20 @@ def _footnotes(rows: list[_Row]) -> tuple[dict[str, int], list[str]]:
     numbers: dict[str, int] = {}
     texts: dict[str, list[str]] = {}  # deviation text -> labels, in row order
     for r in rows:
-        if r.deviations:
-            text = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
+        if r.deviations or r.overrides:
+            text = r.notes()
             texts.setdefault(text, []).append(r.label)
             numbers[r.label] = list(texts).index(text) + 1
     notes = [f"[{i}] {', '.join(who)}: {text}" for i, (text, who) in enumerate(texts.items(), 1)]
     return numbers, notes
+
+
+# which epoch a metric reports, named under every table that shows it (evaluations/linear.py)
+SELECTION_RULES = {
+    ("linear", "top1"): "last epoch",
+    ("linear", "top5"): "last epoch",
+    ("linear", "top1_best"): "best epoch on the validation set (MoCo main_lincls best_acc1)",
+}
 
 
 def _table(scale: str, group: str, records: list[Record]) -> _Table:
@@ -130,12 +146,14 @@ def _table(scale: str, group: str, records: list[Record]) -> _Table:
     numbers, notes = _footnotes(rows)
     body = []
     for r in rows:
-        label = f"{r.label} [{numbers[r.label]}]" if r.label in numbers else r.label
+        label = f"{r.label} (modified)" if r.overrides else r.label
+        label = f"{label} [{numbers[r.label]}]" if r.label in numbers else label
         cells = [_cell(r.values[c]) if c in r.values else "–" for c in cols]
         tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else "–"
         body.append([label, *cells, tput, str(len(r.seeds))])
     headers = ["entry/variant", *(f"{e}/{m}" for e, m in cols), "img/s", "seeds"]
-    return _Table(f"{scale} · {group}", headers, body, notes)
+    rules = [f"{e}/{m}: {SELECTION_RULES[(e, m)]}" for e, m in cols if (e, m) in SELECTION_RULES]
+    return _Table(f"{scale} · {group}", headers, body, (["selection: " + "; ".join(rules)] if rules else []) + notes)
 
 
 _LATEX = {
@@ -167,9 +185,7 @@ def _render(t: _Table, fmt: str) -> str:
         return f"\\subsection*{{{_latex_escape(t.title)}}}\n{table}\n{notes}"
     notes = "".join(f"<li>{html.escape(n)}</li>\n" for n in t.notes)
     table = tabulate(t.body, t.headers, tablefmt="html", disable_numparse=True)
-    return f"<h2>{html.escape(t.title)}</h2>\n{table}\n" + (
-        f'<ul class="deviations">\n{notes}</ul>\n' if notes else ""
-    )
+    return f"<h2>{html.escape(t.title)}</h2>\n{table}\n" + (f'<ul class="deviations">\n{notes}</ul>\n' if notes else "")
 
 
 def _csv(records: list[Record]) -> str:
@@ -188,6 +204,7 @@ def _csv(records: list[Record]) -> str:
             "images_per_s",
             "seeds",
             "deviations",
+            "modified_by",
         ]
     )
     for (scale, group), recs in groups.items():
@@ -196,7 +213,8 @@ def _csv(records: list[Record]) -> str:
             vals = [("" if v is None else f"{v:.4f}") for mean, std in stats for v in (mean, std)]
             tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else ""
             devs = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
-            w.writerow([scale, group, r.entry, r.variant, *vals, tput, len(r.seeds), devs])
+            mods = "; ".join(f"{k}={v}" for k, v in sorted(r.overrides.items()))
+            w.writerow([scale, group, r.entry, r.variant, *vals, tput, len(r.seeds), devs, mods])
     return out.getvalue()
 
 

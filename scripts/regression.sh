@@ -25,4 +25,4 @@ if [ "$update" = "--update" ]; then
   cp -r "$work/records/micro" results/golden/micro
   echo "goldens regenerated from $work/records/micro"
 fi
-cropbench check --scale micro --records "$work/records"
+cropbench check --scale micro --require-all --records "$work/records"

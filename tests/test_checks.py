@@ -39,9 +39,7 @@ def rec(
     )
 
 
-def write_entry(
-    root: Path, name: str, references: list | None = None, claims: list | None = None
-) -> None:
+def write_entry(root: Path, name: str, references: list | None = None, claims: list | None = None) -> None:
     data = {
         "name": name,
         "paper": {"title": name, "arxiv": "0000.00000"},
@@ -81,13 +79,14 @@ def roots(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_matching_records_pass(roots: tuple[Path, Path, Path]) -> None:
     records, golden, entries = roots
     write_record(records, rec())
-    write_record(
-        records, rec(ev="linear", top1=70.0 + 1.9, loss_first=5.0 * (1 + 5e-5), loss_last=2.05)
-    )
+    write_record(records, rec(ev="linear", top1=70.0 + 1.9, loss_first=5.0 * (1 + 5e-5), loss_last=2.05))
     report = check(records, golden, entries)
     assert report.passed, report.table()
     assert report.checked == 2 * (2 + 2)  # 2 goldens × (top1, top5, loss_first, loss_last)
-    assert report.table() == "check passed: 8 comparisons, 0 misses\n"
+    table = report.table()
+    assert table.endswith("check passed: 8 comparisons, 0 misses\n")
+    rows = [ln for ln in table.splitlines() if ln.startswith("| micro/")]
+    assert len(rows) == 8 and all("| ok " in r for r in rows)  # the passes are shown too
 
 
 def test_moved_metric_and_loss_are_misses_with_the_numbers(roots: tuple[Path, Path, Path]) -> None:
@@ -113,14 +112,14 @@ def test_moved_metric_and_loss_are_misses_with_the_numbers(roots: tuple[Path, Pa
     assert not report.passed
 
 
-def test_missing_record_is_not_run_unless_allowed(roots: tuple[Path, Path, Path]) -> None:
+def test_missing_record_is_not_run_information_unless_required(roots: tuple[Path, Path, Path]) -> None:
     records, golden, entries = roots
     write_record(records, rec())
     report = check(records, golden, entries)
-    assert report.misses == [
-        Miss("micro/simclr/default/linear/seed0", "*", None, None, None, "not run")
-    ]
-    assert check(records, golden, entries, allow_missing=True).passed
+    assert report.passed and report.checked == 4 and report.not_run == ["micro/simclr/default/linear/seed0"]
+    assert "not run (1 goldens" in report.table() and "  micro/simclr/default/linear/seed0\n" in report.table()
+    strict = check(records, golden, entries, require_all=True)
+    assert strict.misses == [Miss("micro/simclr/default/linear/seed0", "*", None, None, None, "not run")]
     assert check(records, golden, entries, scale="small").checked == 0  # no goldens at that scale
 
 
@@ -134,9 +133,7 @@ def test_references_at_their_scale(roots: tuple[Path, Path, Path]) -> None:
         "scale": "small",
         "tolerance": 1.0,
     }
-    write_entry(
-        entries, "simclr", references=[ref, {**ref, "scale": "paper"}]
-    )  # no paper records: skipped
+    write_entry(entries, "simclr", references=[ref, {**ref, "scale": "paper"}])  # no paper records: skipped
     for seed, top1 in ((0, 65.0), (1, 67.0)):  # mean 66.0: 1.5 below the reference
         write_record(records, rec(scale="small", ev="linear", seed=seed, top1=top1))
     report = check(records, golden, entries, scale="small")
@@ -164,9 +161,7 @@ def test_claims(roots: tuple[Path, Path, Path]) -> None:
         "min_delta": 2.0,
         "scale": "small",
     }
-    write_entry(
-        entries, "simclr", claims=[claim, {**claim, "eval": "linear"}]
-    )  # linear: no records, skipped
+    write_entry(entries, "simclr", claims=[claim, {**claim, "eval": "linear"}])  # linear: no records, skipped
     write_record(records, rec(scale="small", top1=60.0))
     write_record(records, rec(scale="small", variant="big", top1=61.5))
     report = check(records, golden, entries, scale="small")
@@ -188,22 +183,24 @@ def test_table_lists_every_miss_deterministically(roots: tuple[Path, Path, Path]
     write_record(records, rec(top1=55.0))
     a, b = check(records, golden, entries).table(), check(records, golden, entries).table()
     assert a == b
-    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in a.splitlines()[:-1]]
-    assert rows[0] == ["key", "metric", "expected", "got", "tolerance", "reason"]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in a.splitlines() if ln.startswith("|")]
+    assert rows[0] == ["key", "metric", "expected", "got", "tolerance", "status", "reason"]
     assert rows[2:] == [
-        ["micro/simclr/default/knn/seed0", "top1", "60", "55", "3", "golden: off by -5"],
-        ["micro/simclr/default/linear/seed0", "*", "–", "–", "–", "not run"],
+        ["micro/simclr/default/knn/seed0", "pretrain.loss_first", "5", "5", "0.0005", "ok", "golden: off by +0"],
+        ["micro/simclr/default/knn/seed0", "pretrain.loss_last", "2", "2", "0.06", "ok", "golden: off by +0"],
+        ["micro/simclr/default/knn/seed0", "top1", "60", "55", "3", "MISS", "golden: off by -5"],
+        ["micro/simclr/default/knn/seed0", "top5", "90", "90", "10", "ok", "golden: off by +0"],
     ]
-    assert a.splitlines()[-1] == "check FAILED: 5 comparisons, 2 misses"
+    assert a.splitlines()[-1] == "check FAILED: 4 comparisons, 1 misses, 1 not run"
+    b = check(records, golden, entries, require_all=True).table()
+    b_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in b.splitlines() if ln.startswith("|")]
+    assert ["micro/simclr/default/linear/seed0", "*", "–", "–", "–", "MISS", "not run"] in b_rows
+    assert b.splitlines()[-1] == "check FAILED: 5 comparisons, 2 misses, 1 not run"
 
 
 def test_tolerance_file_is_validated(tmp_path: Path) -> None:
-    tol = load_tolerances(
-        REPO / "results" / "golden" / "tolerances.yaml"
-    )  # the committed file is valid
-    assert (
-        tol.for_metric("knn", "top1").abs is not None and tol.pretrain["loss_first"].rel is not None
-    )
+    tol = load_tolerances(REPO / "results" / "golden" / "tolerances.yaml")  # the committed file is valid
+    assert tol.for_metric("knn", "top1").abs is not None and tol.pretrain["loss_first"].rel is not None
     bad = tmp_path / "tolerances.yaml"
     bad.write_text("default: {abs: 1.0, rel: 0.1, why: both}\n")
     with pytest.raises(ConfigError, match=f"{bad}: default: give exactly one of 'abs' or 'rel'"):
@@ -217,6 +214,32 @@ def test_golden_key_must_match_exactly(roots: tuple[Path, Path, Path]) -> None:
     records, golden, entries = roots
     write_record(records, replace(rec(), seed=1))
     write_record(records, rec(ev="linear", top1=70.0))
-    assert [m.key for m in check(records, golden, entries).misses] == [
+    assert [m.key for m in check(records, golden, entries, require_all=True).misses] == [
         "micro/simclr/default/knn/seed0"
     ]
+
+
+def test_modified_records_meet_no_reference_claim_or_other_golden(roots: tuple[Path, Path, Path]) -> None:
+    """A record run with ``--set`` overrides (``provenance.overrides``) is never compared with a
+    paper reference or claim, nor with a golden of another recipe; it is listed as not compared."""
+    records, golden, entries = roots
+    ref = {"eval": "knn", "metric": "top1", "value": 69.1, "source": "paper", "scale": "paper", "tolerance": 1.0}
+    claim = {"text": "big beats simclr", "eval": "knn", "metric": "top1", "baseline": "simclr", "variant": "big"}
+    write_entry(entries, "simclr", references=[ref], claims=[claim])
+    one_epoch = {"train.epochs": 1}
+    write_record(records, replace(rec(scale="paper", top1=69.0), provenance={"overrides": one_epoch}))
+    write_record(records, replace(rec(scale="paper", variant="big", top1=75.0), provenance={"overrides": one_epoch}))
+    write_record(records, replace(rec(top1=10.0), provenance={"overrides": one_epoch}))  # micro golden key
+    report = check(records, golden, entries)
+    assert report.checked == 0 and report.passed  # 69.0 would pass the reference: it is not compared
+    assert set(report.modified) == {
+        "paper/simclr/default/knn/seed0",
+        "paper/simclr/big/knn/seed0",
+        "micro/simclr/default/knn/seed0",
+    }
+    table = report.table()
+    assert "not compared (3 modified records" in table and "paper/simclr/default/knn/seed0: train.epochs=1" in table
+    assert "(golden: none)" in table
+    write_record(records, rec(scale="paper", top1=66.0))  # the unmodified run is compared, and misses
+    [miss] = check(records, golden, entries, scale="paper").misses
+    assert (miss.key, miss.expected, miss.got) == ("paper/simclr/default/knn", 69.1, 66.0)

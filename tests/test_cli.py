@@ -114,10 +114,9 @@ def test_check_passes_against_itself_and_fails_on_a_moved_metric(run_out: Path, 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "nope"], "unknown entry 'nope'; valid entrys: "),
+        (["run", "nope"], "unknown entry 'nope'; valid entries: "),
         (["run", "simclr", "--eval", "coco_nope"], "does not support evaluation 'coco_nope'"),
         (["run", "simclr", "--variant", "x"], "unknown variant of simclr 'x'"),
-        (["run", "simclr", "--scale", "paper"], "--scale paper reads real datasets: pass --data-root"),
         (["run", "simclr", "--set", "train.epochz=1"], "train.epochz: unknown key"),
         (["show", "nope"], "unknown entry 'nope'"),
     ],
@@ -131,7 +130,19 @@ def test_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
 def test_missing_dataset_shows_the_expected_layout(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["run", "simclr", "--set", "data.dataset=imagenet", "--data-root", str(tmp_path)])
     assert result.exit_code == 2
-    assert f"{tmp_path / 'imagenet'}" in result.output and "<root>/{train,val}/<class_name>/" in result.output
+    assert f"not found at {tmp_path / 'imagenet'}" in result.output and "expected layout:" in result.output
+
+
+def test_small_and_paper_scales_need_a_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --data-root and $CROPBENCH_DATA: an error; with $CROPBENCH_DATA: it is read."""
+    monkeypatch.delenv("CROPBENCH_DATA")
+    result = CliRunner().invoke(cli, ["run", "simclr", "--scale", "paper"])
+    assert result.exit_code == 2 and "--scale paper reads real datasets: pass --data-root" in result.output
+    monkeypatch.setenv("CROPBENCH_DATA", str(tmp_path))
+    args = ["run", "simclr", "--scale", "paper", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and f"not found at {tmp_path / 'imagenet'}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:

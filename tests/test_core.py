@@ -99,7 +99,7 @@ def test_entry_rejects_unknown_scale_and_unknown_variant(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="recipes.huge: unknown scale"):
         load_entry_file(path)
     entry = load_entry_file(_minimal_entry(tmp_path / "b"))
-    with pytest.raises(UnknownNameError, match="valid variant of toys: default"):
+    with pytest.raises(UnknownNameError, match="valid variants of toy: default"):
         entry.recipe("x", "micro")
 
 

@@ -64,6 +64,6 @@ def test_two_process_pretraining_runs_in_sync(tmp_path: Path, data_root: Path) -
     result = pretrain_distributed(recipe, tmp_path, data_root, torch.device("cpu"), 2, False, "test")
     assert result.steps == 2 and result.epochs == 1
     assert torch.isfinite(torch.tensor(result.loss_last))
-    blob = torch.load(result.checkpoint, weights_only=False)
+    blob = torch.load(result.checkpoint, weights_only=True)
     assert blob["finished"]
     load_encoder(result.checkpoint, torch.device("cpu"))

@@ -80,9 +80,7 @@ def test_rewrite_replaces_only_its_own_file(tmp_path: Path) -> None:
     assert [r.metrics["top1"] for r in load_records(tmp_path)] == [70.0, 50.0]
 
 
-def test_exception_mid_write_leaves_old_record_and_no_temp(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_exception_mid_write_leaves_old_record_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_record(tmp_path, rec())
     before = path.read_bytes()
 
@@ -108,9 +106,7 @@ def test_process_killed_mid_write_never_shows_half_a_record(tmp_path: Path) -> N
         "             {'blob': 'x' * 10**6})\n"
         "R.write_record(Path(sys.argv[1]), r)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
     assert [r.metrics["top1"] for r in load_records(tmp_path)] == [50.0]  # leftover .tmp ignored
 
@@ -136,9 +132,7 @@ def test_provenance(tmp_path: Path) -> None:
     recipe = Recipe(method="simclr", backbone="resnet_micro")
     prov = collect_provenance(recipe.to_dict(), "cpu", ["cropbench", "run", "simclr"])
     assert prov["recipe_hash"] == recipe.hash()
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
-    )
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert prov["git_commit"] == head.stdout.strip() and len(prov["git_commit"]) == 40
     assert isinstance(prov["git_dirty"], bool)
     assert prov["command"] == "cropbench run simclr" and prov["device"] == "cpu"
@@ -206,18 +200,12 @@ def test_leaderboard_is_byte_identical_and_order_independent(tmp_path: Path) -> 
         assert leaderboard(recs, fmt) == leaderboard(shuffled, fmt)
     path = write_leaderboard(recs, tmp_path / "LEADERBOARD.md")
     assert path.read_text() == leaderboard(recs, "md")
-    assert (
-        write_leaderboard(shuffled, tmp_path / "LEADERBOARD.md").read_bytes() == path.read_bytes()
-    )
+    assert write_leaderboard(shuffled, tmp_path / "LEADERBOARD.md").read_bytes() == path.read_bytes()
 
 
 def test_leaderboard_other_formats() -> None:
     rows = list(csv.DictReader(io.StringIO(leaderboard(_records(), "csv"))))
-    simclr = next(
-        r
-        for r in rows
-        if r["entry"] == "simclr" and r["variant"] == "default" and r["scale"] == "micro"
-    )
+    simclr = next(r for r in rows if r["entry"] == "simclr" and r["variant"] == "default" and r["scale"] == "micro")
     assert (simclr["knn/top1"], simclr["knn/top1:std"], simclr["seeds"]) == (
         "61.0000",
         "1.4142",
@@ -232,9 +220,7 @@ def test_leaderboard_other_formats() -> None:
 
 
 def test_run_table_puts_random_init_beside_pretrained() -> None:
-    text = run_table(
-        [rec(top1=60.0, top5=90.0), rec(variant="default+random_init", top1=14.25, top5=61.5)]
-    )
+    text = run_table([rec(top1=60.0, top5=90.0), rec(variant="default+random_init", top1=14.25, top5=61.5)])
     lines = [line.split() for line in text.splitlines()[2:]]
     assert lines == [
         ["simclr/default", "micro", "knn", "0", "top1", "60.00", "14.25", "+45.75"],
@@ -252,3 +238,35 @@ def test_committed_micro_leaderboard_is_regenerated_from_the_goldens() -> None:
     assert leaderboard(load_records(repo / "results" / "golden"), "md") == committed, (
         "stale: run `cropbench leaderboard --records results/golden --out results/leaderboard_micro.md`"
     )
+
+
+def test_modified_records_are_marked_in_every_format() -> None:
+    """A record run with ``--set`` overrides (``provenance.overrides``) is labelled ``(modified)``
+    and its footnote / CSV column names the overrides; unmodified rows are unchanged."""
+    one = rec(entry="byol", deviations={"optim.lr": "scaled"})
+    one = replace(one, provenance={**one.provenance, "overrides": {"train.epochs": 1, "optim.lr": 0.001}})
+    recs = [*_records(), one]
+    md = leaderboard(recs, "md")
+    assert "| byol/default (modified) [1] " in md
+    assert "- [1] byol/default: modified by --set optim.lr=0.001, train.epochs=1; optim.lr: scaled\n" in md
+    plain = leaderboard(_records(), "md")
+    simclr_row = next(ln for ln in plain.splitlines() if ln.startswith("| simclr/default "))
+    assert (
+        md.count("(modified)") == 1
+        and "(modified)" not in plain
+        and simclr_row.split("|")[1:3]
+        == next(ln for ln in md.splitlines() if ln.startswith("| simclr/default ")).split("|")[1:3]
+    )
+    rows = {(r["entry"], r["scale"]): r for r in csv.DictReader(io.StringIO(leaderboard(recs, "csv")))}
+    assert rows[("byol", "micro")]["modified_by"] == "optim.lr=0.001; train.epochs=1"
+    assert rows[("simclr", "micro")]["modified_by"] == ""
+    assert "byol/default (modified) [1]" in leaderboard(recs, "html")
+
+
+def test_load_records_of_a_missing_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(CropbenchError, match=f"records folder {tmp_path / 'nope'} does not exist"):
+        load_records(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CropbenchError, match="is not a folder"):
+        load_records(tmp_path / "file")
+    assert load_records(tmp_path) == []  # an existing empty folder holds no records
