@@ -65,6 +65,31 @@ def all_reduce_grads(params: Iterable[nn.Parameter], ctx: DistContext) -> None:
         offset += g.numel()
 
 
+def init_process_group(backend: str, rank: int, world_size: int, store_file: str) -> DistContext:
+    """Join a process group rendezvousing through a file, not a TCP port.
+
+    A ``file://`` store has no server: with the default TCP store rank 0 hosts the store in a
+    background thread, so rank 0 exiting while a peer still talks to it (or a port taken by
+    another job between choosing and binding it) kills the peer from a C++ thread.
+    """
+    dist.init_process_group(backend, init_method=f"file://{store_file}", rank=rank, world_size=world_size)
+    return DistContext(rank, world_size)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Without the barrier a fast rank tears down its gloo connections (and exits) while a slow rank
+    is still in its last collective or in its own teardown; gloo's background threads then see the
+    peer vanish and abort the process ("terminate called without an active exception").
+    """
+    if not dist.is_initialized():
+        return
+    if ctx.enabled:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def params_checksum(module: nn.Module) -> float:
     """Sum of all parameters in float64: equal on every rank when data-parallel training is in sync."""
     return float(sum(p.detach().double().sum() for p in module.parameters()))

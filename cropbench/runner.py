@@ -29,7 +29,7 @@ import torch.distributed as dist
 from cropbench.backbones import build_backbone
 from cropbench.config import deep_merge, from_dict
 from cropbench.data import build_dataset, default_data_root, validate_dataset
-from cropbench.dist import DistContext, params_checksum
+from cropbench.dist import DistContext, params_checksum, shutdown
 from cropbench.errors import ConfigError, CropbenchError, TrainingError
 from cropbench.evaluations.base import EvalData
 from cropbench.methods.base import MethodContext, SSLMethod
@@ -158,9 +158,12 @@ def _ddp_worker(
         method, result = pretrain_local(
             recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where
         )
-        return {**result.summary(), "params_checksum": params_checksum(method)}
-    finally:
-        dist.destroy_process_group()
+        out = {**result.summary(), "params_checksum": params_checksum(method)}
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach it
+        raise
+    shutdown(DistContext(rank, world))  # barrier, then destroy (see cropbench.dist.shutdown)
+    return out
 
 
 def _free_port() -> int:

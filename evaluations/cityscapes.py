@@ -24,7 +24,7 @@ from cropbench.data.cityscapes import IGNORE_INDEX, CityscapesSemantic
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError, TrainingError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.detection import InfiniteSampler, data_parallel
+from cropbench.evaluations.detection import InfiniteSampler, LossWatch, data_parallel, log_lr_scaling, scaled_lr
 from cropbench.evaluations.segmentation import (
     FCNSegmenter,
     confusion_matrix,
@@ -57,7 +57,8 @@ class CityscapesSettings:
     test_split: str = "val"
     iterations: int = 300  # 40k at paper scale
     batch_size: int = 8  # 4 GPUs × 2 images in the mmseg config
-    lr: float = 0.01
+    lr: float = 0.01  # at ``lr_batch`` images per iteration; scaled linearly to ``batch_size``
+    lr_batch: int = 8  # the mmseg config's 4 GPUs × 2 images, at which lr 0.01 is stated
     momentum: float = 0.9
     weight_decay: float = 5e-4
     power: float = 0.9  # PolyLR
@@ -167,8 +168,12 @@ def train_segmenter(
     if s.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}")
     model = data_parallel(model.to(data.device).train(), data)
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    poly = lambda it: ((s.lr - s.min_lr) * (1 - it / s.iterations) ** s.power + s.min_lr) / s.lr
+    lr = scaled_lr(s.lr, s.batch_size, s.lr_batch)
+    if ctx.is_main:
+        log_lr_scaling("[seg]", s.lr, s.batch_size, s.lr_batch, data.log)
+    watch = LossWatch("[seg]", data.log)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    poly = lambda it: ((lr - s.min_lr) * (1 - it / s.iterations) ** s.power + s.min_lr) / lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
     loader = DataLoader(
         _TrainCrops(train, s),
@@ -197,6 +202,7 @@ def train_segmenter(
                 f"[seg] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} "
                 f"loss={running / ((it % s.log_every) + 1):.3f}"
             )
+            watch.update(it + 1, {"loss": running / ((it % s.log_every) + 1)})
             running = 0.0
     return model
 
@@ -238,8 +244,8 @@ def test_segmenter(
 def evaluate(encoder: nn.Module, settings: CityscapesSettings, data: EvalData) -> dict[str, float]:
     """FCN-d8 fine-tune on Cityscapes train (fine); mIoU over the 19 train classes on val (%)."""
     s = settings
-    train = build_dataset(s.dataset, s.train_split, data.root)
-    test = build_dataset(s.dataset, s.test_split, data.root)
+    train = build_dataset(s.dataset, s.train_split, data.root, data.scale, "eval.cityscapes.dataset")
+    test = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.cityscapes.dataset")
     return finetune_and_test(encoder, s, data, train, test)
 
 

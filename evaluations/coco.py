@@ -61,6 +61,7 @@ PAPER: dict[str, Any] = {
     "rpn_post_nms_train": 1000,
     "rpn_pre_nms_test": 1000,
     "detections_per_image": 100,
+    "precise_bn_iters": 200,  # TEST.PRECISE_BN: ENABLED True, NUM_ITER 200 (detectron2 default)
     "rpn_post_nms_test": 1000,
     "log_every": 20,
 }
@@ -157,8 +158,8 @@ def evaluate(encoder: nn.Module, settings: CocoSettings, data: EvalData) -> dict
     )
     if use_d2:
         return _evaluate_detectron2(encoder, s, data)
-    train = build_dataset(s.dataset, s.train_split, data.root, masks=s.masks)
-    test = build_dataset(s.dataset, s.test_split, data.root, masks=False)
+    train = build_dataset(s.dataset, s.train_split, data.root, data.scale, "eval.coco.dataset", masks=s.masks)
+    test = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.coco.dataset", masks=False)
     return finetune_and_test(encoder, s, data, train, test)
 
 
@@ -203,7 +204,8 @@ def _evaluate_detectron2(encoder: nn.Module, s: CocoSettings, data: EvalData) ->
         raise CropbenchError(f"backend 'detectron2' requested but detectron2 is not importable: {e}") from e
     from cropbench.export import save_detectron2
 
-    folder, out = dataset_folder(s.dataset, data.root), Path(tempfile.mkdtemp(prefix="cropbench-d2-"))
+    folder = dataset_folder(s.dataset, data.root, data.scale, "eval.coco.dataset")
+    out = Path(tempfile.mkdtemp(prefix="cropbench-d2-"))
     names = {}
     for split in (s.train_split, s.test_split):
         names[split] = f"cropbench_{split}_{out.name}"

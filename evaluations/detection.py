@@ -9,13 +9,18 @@ Two detector shapes, the two the SSL papers report (MoCo, DenseCL, RegionCL, CYB
   (MoCo's ``Res5ROIHeadsExtraNorm``), average pool, linear classifier and box regressor.
 
 All backbone stages train (``FREEZE_AT: 0``) with BatchNorm in train mode (SyncBN when distributed).
+RoIs are pooled as detectron2's ``ROIAlignV2`` (``aligned=True``, adaptive sampling ratio 0), the
+pooler of every config the papers fine-tune with; after training, PreciseBN recomputes the BN
+statistics (``TEST.PRECISE_BN.ENABLED: True`` in MoCo's and mmselfsup's detectron2 configs).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -28,8 +33,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from cropbench.data.coco import collate_detection
 from cropbench.errors import ConfigError, TrainingError
@@ -48,7 +54,10 @@ class DetectionSettings:
     masks: bool = True  # Mask R-CNN (True) or Faster R-CNN
     iterations: int = 300  # micro: ~3 CPU-minutes with resnet_micro (90k / 24k at paper scale)
     batch_size: int = 4  # images per iteration over all ranks (detectron2 IMS_PER_BATCH; 16)
-    lr: float = 0.02  # BASE_LR of the papers (at batch 16); kept at micro's batch 4, stable
+    # BASE_LR at ``lr_batch`` images per iteration; the run uses lr x batch_size / lr_batch (linear
+    # scaling, detectron2's REFERENCE_WORLD_SIZE rule). Micro: 0.08 at 16 = 0.02 at its batch 4.
+    lr: float = 0.08
+    lr_batch: int = 16  # the papers' IMS_PER_BATCH, at which their BASE_LR 0.02 is stated
     momentum: float = 0.9
     weight_decay: float = 1e-4  # not applied to norm parameters (detectron2 WEIGHT_DECAY_NORM 0)
     steps: tuple[int, ...] = (200, 266)  # lr *= gamma here (the 1x schedule's 2/3 and 8/9)
@@ -72,8 +81,30 @@ class DetectionSettings:
     rpn_pre_nms_test: int = 500  # 1000 at paper scale
     rpn_post_nms_test: int = 300  # 1000 at paper scale
     detections_per_image: int = 100  # DETECTIONS_PER_IMAGE (COCOeval counts up to 100)
+    precise_bn_iters: int = 20  # PreciseBN batches after training, at most `iterations` (paper: 200)
     score_thresh: float = 0.05  # SCORE_THRESH_TEST
     log_every: int = 50
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (FPN level rule, scales inferred from the image size)
+    pooling with ``roi_align(..., aligned=True)``: detectron2's ``ROIAlignV2``, which shifts box
+    corners by -0.5 px before sampling (``MODEL.ROI_*_HEAD.POOLER_TYPE`` default)."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                feats, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(len(rois), dtype=torch.long)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales, strict=True)):
+            idx = torch.where(levels.to(rois.device) == level)[0]
+            pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, aligned=True)
+            out[idx] = pooled.to(out.dtype)
+        return out
 
 
 def _fpn_parts(body: nn.Module, s: DetectionSettings) -> dict:
@@ -97,12 +128,12 @@ def _fpn_parts(body: nn.Module, s: DetectionSettings) -> dict:
         rpn_anchor_generator=AnchorGenerator(
             tuple((a,) for a in s.anchor_sizes), (s.aspect_ratios,) * len(s.anchor_sizes)
         ),
-        box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
+        box_roi_pool=AlignedMultiScaleRoIAlign(names, 7, 0),
         box_head=TwoMLPHead(c * 7 * 7, s.box_head_dim),
     )
     if s.masks:
         parts.update(
-            mask_roi_pool=MultiScaleRoIAlign(names, 14, 2),
+            mask_roi_pool=AlignedMultiScaleRoIAlign(names, 14, 0),
             mask_head=MaskRCNNHeads(c, [s.mask_head_channels] * 4, 1),
         )
     return parts
@@ -129,7 +160,7 @@ def _c4_parts(body: nn.Module, s: DetectionSettings) -> dict:
     return dict(
         backbone=_C4Body(body),
         rpn_anchor_generator=AnchorGenerator((tuple(s.anchor_sizes),), (s.aspect_ratios,)),
-        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0),
+        box_roi_pool=AlignedMultiScaleRoIAlign(["0"], 14, 0),
         box_head=res5,
         box_predictor=None,
         box_head_out=c5,
@@ -183,7 +214,57 @@ def _optimizer(model: nn.Module, s: DetectionSettings) -> torch.optim.SGD:
         {"params": other, "weight_decay": s.weight_decay},
         {"params": norm, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+    return torch.optim.SGD(groups, lr=scaled_lr(s.lr, s.batch_size, s.lr_batch), momentum=s.momentum)
+
+
+def scaled_lr(lr: float, batch_size: int, lr_batch: int) -> float:
+    """Linear lr scaling (Goyal et al. 2017; detectron2 ``DefaultTrainer.auto_scale_workers``):
+    ``lr`` is stated for ``lr_batch`` images per iteration; ``batch_size`` images get
+    ``lr x batch_size / lr_batch``."""
+    if batch_size < 1 or lr_batch < 1:
+        raise ConfigError(f"batch_size ({batch_size}) and lr_batch ({lr_batch}) must be >= 1")
+    return lr * batch_size / lr_batch
+
+
+class LossGrowthWarning(UserWarning):
+    """A fine-tune loss far above its first logged value: the lr is likely too high for the batch."""
+
+
+@dataclass
+class LossWatch:
+    """Warns once when the total logged loss exceeds ``factor`` x its first logged value, naming the
+    term that grew most (a single small term, e.g. the RPN box loss, is too noisy to watch alone)."""
+
+    name: str  # "[det]" / "[seg]": the log prefix
+    log: Callable[[str], None]
+    factor: float = 10.0
+    first: dict[str, float] = field(default_factory=dict)
+    warned: bool = False
+
+    def update(self, it: int, values: dict[str, float]) -> None:
+        if not self.first:
+            self.first = dict(values)
+        start, now = sum(self.first.values()), sum(values.values())
+        if self.warned or start <= 0 or now <= self.factor * start:
+            return
+        self.warned = True
+        term = max(values, key=lambda k: values[k] - self.first.get(k, 0.0))
+        msg = (
+            f"{self.name} loss grew from {start:.3g} (first logged) to {now:.3g} at iteration {it}, more than "
+            f"{self.factor:g}x ({term}: {self.first.get(term, 0.0):.3g} -> {values[term]:.3g}): the fine-tune lr "
+            "is probably too high for its batch"
+        )
+        self.log(f"WARNING: {msg}")
+        warnings.warn(msg, LossGrowthWarning, stacklevel=2)
+
+
+def log_lr_scaling(tag: str, lr: float, batch_size: int, lr_batch: int, log: Callable[[str], None]) -> float:
+    """Log the lr the fine-tune uses, and how it follows from the recipe's lr; returns it."""
+    used = scaled_lr(lr, batch_size, lr_batch)
+    rule = f" (linear scaling: lr {lr:g} at batch {lr_batch} x {batch_size}/{lr_batch})"
+    rule = "" if batch_size == lr_batch else rule
+    log(f"{tag} lr {used:.4g} at batch {batch_size}{rule}")
+    return used
 
 
 class InfiniteSampler(Sampler[int]):
@@ -244,6 +325,9 @@ def train_detector(model: GeneralizedRCNN, dataset: Dataset, s: DetectionSetting
     if s.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}")
     model = data_parallel(model.to(data.device).train(), data)
+    if ctx.is_main:
+        log_lr_scaling("[det]", s.lr, s.batch_size, s.lr_batch, data.log)
+    watch = LossWatch("[det]", data.log)
     opt = _optimizer(model, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, s))
     loader = DataLoader(
@@ -274,8 +358,93 @@ def train_detector(model: GeneralizedRCNN, dataset: Dataset, s: DetectionSetting
             n = (it % s.log_every) + 1
             parts = " ".join(f"{k.removeprefix('loss_')}={v / n:.3f}" for k, v in running.items())
             data.log(f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}")
+            watch.update(it + 1, {k: v / n for k, v in running.items()})
             running = {}
+    _precise_bn_pass(model, dataset, s, data)
     return model
+
+
+def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers in training mode (fvcore ``get_bn_modules``)."""
+    return [m for m in model.modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def precise_bn(
+    model: nn.Module,
+    batches: Iterable[tuple],
+    iters: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> int:
+    """PreciseBN (fvcore ``update_bn_stats`` as detectron2's ``hooks.PreciseBN`` runs it): with
+    the weights fixed, set each training-mode BatchNorm's running statistics to the population
+    statistics of ``iters`` batches: mean = count-weighted mean of batch means, var = E[x²] −
+    E[x]² (batch variances un-Bessel-corrected). ``batches`` yields ``model``'s positional
+    arguments; ``reduce`` (e.g. a mean over ranks) is applied to the (mean, E[x²]) estimates.
+    Returns how many BatchNorm layers were updated."""
+    bns = _bn_layers(model)
+    if not bns or iters < 1:
+        return 0
+    counts: dict[nn.Module, int] = {}
+    hooks = [
+        bn.register_forward_pre_hook(lambda m, inp: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+        for bn in bns
+    ]
+    momenta, tot = [bn.momentum for bn in bns], [0] * len(bns)
+    est = [torch.zeros(2, *bn.running_mean.shape, dtype=torch.float64) for bn in bns]  # mean, E[x²]
+    try:
+        for bn in bns:
+            bn.momentum = 1.0  # running stats = this batch's (var Bessel-corrected, as torch stores it)
+        for args in itertools.islice(batches, iters):
+            counts.clear()
+            model(*args)
+            for i, bn in enumerate(bns):
+                n = counts.get(bn)
+                if n is None:  # unused in this forward
+                    continue
+                tot[i] += n
+                m, v = bn.running_mean.double().cpu(), bn.running_var.double().cpu()
+                est[i] += (torch.stack([m, m.square() + v * (n - 1) / n]) - est[i]) * (n / tot[i])
+    finally:
+        for h in hooks:
+            h.remove()
+        for bn, mom in zip(bns, momenta, strict=True):
+            bn.momentum = mom
+    for i, bn in enumerate(bns):
+        if tot[i]:
+            e = reduce(est[i]) if reduce is not None else est[i]
+            bn.running_mean.copy_(e[0])
+            bn.running_var.copy_(e[1] - e[0].square())
+    return len(bns)
+
+
+def _precise_bn_pass(model: nn.Module, dataset: Dataset, s: DetectionSettings, data: EvalData) -> None:
+    """PreciseBN over ``min(precise_bn_iters, iterations)`` fresh training batches (detectron2
+    builds a new train loader), on the unwrapped model; ranks average their estimates."""
+    iters = min(s.precise_bn_iters, s.iterations)
+    if iters < 1:
+        return
+    ctx = data.dist
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    loader = DataLoader(
+        dataset,
+        batch_size=s.batch_size // ctx.world_size,
+        collate_fn=collate_detection,
+        sampler=InfiniteSampler(len(dataset), data.seed + 1, ctx.rank, ctx.world_size),
+        num_workers=data.num_workers,
+    )
+    gen = torch.Generator().manual_seed(data.seed + 104729 * (ctx.rank + 1))
+    batches = (_to_device(images, targets, s, gen, data.device) for images, targets in loader)
+
+    def mean_over_ranks(t: Tensor) -> Tensor:
+        if not ctx.enabled:
+            return t
+        t = t.to(data.device)
+        dist.all_reduce(t)
+        return t.cpu() / ctx.world_size
+
+    n = precise_bn(net, batches, iters, mean_over_ranks)
+    data.log(f"[det] PreciseBN: {n} BatchNorm layers over {iters} batches")
 
 
 def _gather(items: list, data: EvalData) -> list:

@@ -30,7 +30,8 @@ from cropbench.data.images import collate_images, normalize
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData
 
-CACHE_VERSION = 1  # bump when the extraction changes: old cache files are then ignored
+# bump when the extraction changes: old cache files are then ignored
+CACHE_VERSION = 2  # 2: ImageFolder labels from the training split's class index
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -91,9 +92,7 @@ def _load_cached(path: Path, data: EvalData) -> tuple[Tensor, Tensor] | None:
 
 
 @torch.no_grad()
-def _forward_all(
-    encoder: nn.Module, loader: DataLoader, crop: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
+def _forward_all(encoder: nn.Module, loader: DataLoader, crop: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Run the frozen encoder over the loader: -> (N×D float32 features, N int64 labels) on CPU."""
     cuda = device.type == "cuda"
     feats, labels = [], []
@@ -124,25 +123,21 @@ def extract_features(
     to ``data.device`` (and to channels_last on CUDA); its train/eval mode is restored afterwards.
     """
     if crop > resize:
-        raise ConfigError(
-            f"feature extraction for {dataset!r}: crop ({crop}) must be <= resize ({resize})"
-        )
+        raise ConfigError(f"feature extraction for {dataset!r}: crop ({crop}) must be <= resize ({resize})")
     if batch_size < 1:
-        raise ConfigError(
-            f"feature extraction for {dataset!r}: batch_size must be >= 1, got {batch_size}"
-        )
+        raise ConfigError(f"feature extraction for {dataset!r}: batch_size must be >= 1, got {batch_size}")
     device = torch.device(data.device)
     path = None
     if data.cache_dir is not None:
         key = feature_cache_key(
-            encoder, dataset, split, dataset_folder(dataset, data.root), resize, crop, device
+            encoder, dataset, split, dataset_folder(dataset, data.root, data.scale), resize, crop, device
         )
         path = Path(data.cache_dir) / "features" / f"{key}.pt"
         cached = _load_cached(path, data)
         if cached is not None:
             data.log(f"features: cache hit for {dataset}/{split} ({path.name})")
             return cached
-    ds = build_dataset(dataset, split, data.root, image_size=resize)
+    ds = build_dataset(dataset, split, data.root, data.scale, image_size=resize)
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -171,9 +166,7 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     With fewer than k classes, top-k counts every row as correct (k is clipped to C).
     """
     if scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
-        raise ValueError(
-            f"topk_accuracy: {scores.shape[0]} score rows for {labels.shape[0]} labels"
-        )
+        raise ValueError(f"topk_accuracy: {scores.shape[0]} score rows for {labels.shape[0]} labels")
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # N×k, best first
     hit = top == labels.view(-1, 1)
     n = labels.shape[0]

@@ -31,9 +31,7 @@ class KnnSettings:
     batch_size: int = 256  # images per extraction batch
     train_split: str = "train"
     val_split: str = "val"
-    chunk_size: int = (
-        256  # queries per similarity block: bounds memory at chunk_size × N_bank floats
-    )
+    chunk_size: int = 256  # queries per similarity block: bounds memory at chunk_size × N_bank floats
 
 
 @torch.no_grad()
@@ -71,9 +69,7 @@ def knn_scores(
 def evaluate_knn(encoder: nn.Module, settings: KnnSettings, data: EvalData) -> dict[str, float]:
     """Weighted kNN (k, T) on frozen, L2-normalised pooled features; top-1/top-5 in percent."""
     kw = dict(resize=settings.resize, crop=settings.crop, batch_size=settings.batch_size)
-    bank, bank_labels = extract_features(
-        encoder, settings.dataset, data, settings.train_split, **kw
-    )
+    bank, bank_labels = extract_features(encoder, settings.dataset, data, settings.train_split, **kw)
     queries, labels = extract_features(encoder, settings.dataset, data, settings.val_split, **kw)
     num_classes = int(max(bank_labels.max(), labels.max())) + 1
     device = torch.device(data.device)

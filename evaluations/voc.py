@@ -46,6 +46,7 @@ PAPER: dict[str, Any] = {
     "rpn_post_nms_train": 2000,
     "rpn_pre_nms_test": 6000,
     "detections_per_image": 100,
+    "precise_bn_iters": 200,  # TEST.PRECISE_BN: ENABLED True, NUM_ITER 200 (detectron2 default)
     "rpn_post_nms_test": 1000,
     "log_every": 20,
 }
@@ -160,8 +161,8 @@ def _detections(index: int, out: dict[str, Tensor]) -> list[tuple[int, int, floa
 def evaluate(encoder: nn.Module, settings: VocSettings, data: EvalData) -> dict[str, float]:
     """Faster R-CNN C4 fine-tune on VOC07+12 trainval; AP / AP50 / AP75 on VOC07 test (%)."""
     s = settings
-    train: VocDetection = build_dataset(s.dataset, s.train_split, data.root)
-    test: VocDetection = build_dataset(s.dataset, s.test_split, data.root)
+    train: VocDetection = build_dataset(s.dataset, s.train_split, data.root, data.scale, "eval.voc.dataset")
+    test: VocDetection = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.voc.dataset")
     return finetune_and_test(encoder, s, data, train, test)
 
 

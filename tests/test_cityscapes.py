@@ -209,4 +209,6 @@ def test_evaluate_end_to_end_on_real_layout(cs_root):
     m = evaluate(enc, s, EvalData(root=cs_root, log=logs.append))
     assert set(m) == {"mIoU", "aAcc"} and all(0 <= v <= 100 for v in m.values())
     assert any("iter 3/3" in line for line in logs)
+    # lr 0.01 is stated at batch 8 (mmseg's 4 GPUs x 2); batch 2 runs 0.0025 and says so
+    assert "[seg] lr 0.0025 at batch 2 (linear scaling: lr 0.01 at batch 8 x 2/8)" in logs
     assert evaluate(enc, s, EvalData(root=cs_root, log=logs.append)) == m  # seed-determined on CPU

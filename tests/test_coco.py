@@ -6,14 +6,11 @@ import contextlib
 import io
 import json
 import math
-import os
-import socket
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 from pycocotools import mask as mask_util
@@ -25,7 +22,7 @@ from cropbench.config import from_dict
 from cropbench.data.cityscapes import CityscapesSemantic
 from cropbench.data.coco import CocoInstances
 from cropbench.data.synth_dense import SynthDenseConfig, write_cityscapes, write_coco
-from cropbench.dist import DistContext
+from cropbench.dist import DistContext, init_process_group, shutdown
 from cropbench.errors import ConfigError, DatasetError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.cityscapes import CityscapesSettings
@@ -259,6 +256,8 @@ def test_evaluate_end_to_end_on_real_layout(coco_root):
     assert set(m) == set(METRICS)
     assert all(isinstance(v, float) and (math.isnan(v) or 0 <= v <= 100) for v in m.values())
     assert any("iter 3/3" in line for line in logs)
+    # the issue-10 run: batch below the recipe's must not keep the batch-16 lr; the log says so
+    assert "[det] lr 0.01 at batch 2 (linear scaling: lr 0.08 at batch 16 x 2/16)" in logs
 
 
 def test_paper_settings_build_the_r50_fpn_1x_detector():
@@ -271,10 +270,9 @@ def test_paper_settings_build_the_r50_fpn_1x_detector():
     assert model.roi_heads.detections_per_img == 100
 
 
-def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, store: str, root: str, out: str) -> None:
     torch.set_num_threads(1)
+    init_process_group("gloo", rank, world, store)  # a file store: no port to race for
     data = EvalData(root=root, dist=DistContext(rank, world), log=lambda _: None)
     torch.manual_seed(0)
     s = CocoSettings(iterations=2, batch_size=2, train_min_sizes=(64,), test_min_size=64, max_size=64)
@@ -285,17 +283,15 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     cs_train, cs_val = CityscapesSemantic(f"{root}/cs", "train"), CityscapesSemantic(f"{root}/cs", "val")
     seg = finetune_cityscapes(resnet_micro(), seg_s, data, cs_train, cs_val)
     torch.save((det, seen, seg), f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    shutdown(DistContext(rank, world))  # barrier first: a rank leaving early aborts its peer (test_dist_losses)
 
 
 def test_two_process_finetunes_agree_across_ranks(coco_root, tmp_path):
     """gloo DDP (per-process BN on CPU), detection and segmentation: each rank predicts half of the
     test images; gathered detections / summed confusion matrices give both ranks the same numbers."""
     write_cityscapes(coco_root / "cs", SynthDenseConfig(image_size=32, train_images=8, val_images=4))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(coco_root), str(tmp_path)), nprocs=2, join=True)
+    store = str(tmp_path / "store")
+    mp.spawn(_ddp_worker, args=(2, store, str(coco_root), str(tmp_path)), nprocs=2, join=True)
     (det0, seen0, seg0), (det1, seen1, seg1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     np.testing.assert_array_equal(list(det0.values()), list(det1.values()))
     assert sorted(seen0) == sorted(seen1) == list(range(TINY.val_images))

@@ -4,15 +4,13 @@ holds the keys of both processes, and shuffle-BN's shuffle/unshuffle round-trips
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cropbench.dist import DistContext
+from cropbench.dist import DistContext, init_process_group, shutdown
 from cropbench.methods.losses import info_nce, nt_xent
 from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle
 
@@ -35,12 +33,11 @@ def _queue(keys: torch.Tensor) -> Queue:
     return q
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    ctx = init_process_group("gloo", rank, WORLD, str(Path(out_dir) / "store"))
     try:
-        ctx, data, rows = DistContext(rank, WORLD), _data(), slice(rank * N, (rank + 1) * N)
+        data, rows = _data(), slice(rank * N, (rank + 1) * N)
         z1, z2 = (data[n][rows].clone().requires_grad_(True) for n in ("z1", "z2"))
         loss_simclr = nt_xent(z1, z2, TAU, ctx)
         loss_simclr.backward()
@@ -49,9 +46,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loss_moco = info_nce(q, data["k"][rows], queue.keys.clone(), TAU)
         loss_moco.backward()
         queue.enqueue(data["k"][rows], ctx)
-        gen = torch.Generator().manual_seed(
-            100 + rank
-        )  # differs per rank: rank 0's draw is broadcast
+        gen = torch.Generator().manual_seed(100 + rank)  # differs per rank: rank 0's draw is broadcast
         shard, inverse = batch_shuffle(data["x"][rows], ctx, gen)
         back = batch_unshuffle(shard * 10, inverse, ctx)  # a per-sample "key encoder": ×10
         torch.save(
@@ -67,20 +62,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             },
             Path(out_dir) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    except BaseException:
+        dist.destroy_process_group()  # no barrier on failure: the peer may never reach it
+        raise
+    shutdown(ctx)  # barrier, then destroy: no rank tears down while its peer still talks to it
 
 
 def test_two_process_losses_equal_one_process_loss_on_the_concatenated_batch(
     tmp_path: Path,
 ) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     data = _data()
 
@@ -95,9 +86,7 @@ def test_two_process_losses_equal_one_process_loss_on_the_concatenated_batch(
     ref_queue.enqueue(data["k"], DistContext())
 
     # losses: the mean over processes (what averaging gradients over processes optimises)
-    torch.testing.assert_close(
-        torch.stack([r["simclr"] for r in ranks]).mean(), ref_simclr.detach()
-    )
+    torch.testing.assert_close(torch.stack([r["simclr"] for r in ranks]).mean(), ref_simclr.detach())
     torch.testing.assert_close(torch.stack([r["moco"] for r in ranks]).mean(), ref_moco.detach())
     # gradients: each shard's gradient, averaged over processes, is the 1-process gradient
     for r, out in enumerate(ranks):

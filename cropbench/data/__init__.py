@@ -8,6 +8,7 @@ The embedded synthetic datasets are generated deterministically on first use int
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,9 @@ class DatasetSpec:
     layout: str  # expected on-disk layout, shown in errors and `cropbench list datasets`
     build: Callable[..., Any]  # build(folder: Path, split: str, **kwargs) -> torch Dataset
     synthesize: Callable[[Path], None] | None = None  # writes the embedded data into a folder
+    # validate(folder, split) checks a real dataset's layout and lists without decoding images;
+    # None: building the split (``build``) is the check
+    validate: Callable[[Path, str], Any] | None = None
     description: str = ""
     version: str = (
         ""  # generator version of synthetic data: part of the folder name, so a changed generator regenerates
@@ -50,21 +54,51 @@ def default_data_root() -> Path:
 
 
 _COMPLETE = ".cropbench-complete"
+SYNTHETIC_SCALES = ("micro",)  # the only scale that may read the embedded synthetic data
 
 
-def dataset_folder(name: str, data_root: Path | None = None) -> Path:
+def describe(spec: DatasetSpec) -> str:
+    """Name, description and the exact on-disk layout, as ``cropbench list datasets`` prints it."""
+    kind = "embedded synthetic, micro scale only" if spec.synthetic else "real"
+    body = "\n".join("    " + line for line in layout_at(spec, f"<data root>/{spec.folder_name}").splitlines())
+    return f"{spec.name}  ({kind}) {spec.description}\n{body}"
+
+
+def layout_at(spec: DatasetSpec, folder: Path | str) -> str:
+    """The dataset's layout with ``<root>`` standing for its own ``folder``."""
+    lines = spec.layout.splitlines()
+    if re.fullmatch(r"<root>/\w+/", lines[0]):  # a layout that opens with its own folder line
+        lines = [f"{folder}/", *lines[1:]]
+    return "\n".join(line.replace("<root>", str(folder)) for line in lines)
+
+
+def _require_real(spec: DatasetSpec, scale: str | None, field: str) -> None:
+    """At ``small`` / ``paper`` scale only real datasets are read: a synthetic one is an error."""
+    if scale is None or scale in SYNTHETIC_SCALES or not spec.synthetic:
+        return
+    key = field or "data.dataset"
+    raise DatasetError(
+        f"dataset {spec.name!r} ({key}) is cropbench's embedded synthetic data, which only the micro scale "
+        f"uses; --scale {scale} reads real datasets only: set {key} to a real dataset "
+        f"(`cropbench list datasets` shows each layout), e.g. --set {key}={spec.name.removeprefix('synth_')}"
+    )
+
+
+def dataset_folder(name: str, data_root: Path | None = None, scale: str | None = None, field: str = "") -> Path:
     """The dataset's folder, generating embedded synthetic data on first use.
 
     Real datasets must already exist: a missing folder is a ``DatasetError`` that shows the layout.
     Synthetic data is written to a temporary sibling and renamed into place, so an interrupted
-    generation never leaves a half-written dataset behind.
+    generation never leaves a half-written dataset behind. With ``scale`` other than micro, a
+    synthetic dataset is an error naming ``field`` (e.g. ``eval.coco.dataset``), and nothing is written.
     """
     spec: DatasetSpec = DATASETS.get(name)
+    _require_real(spec, scale, field)
     root = Path(data_root) if data_root is not None else default_data_root()
     folder = root / spec.folder_name
     if spec.synthesize is None:
         if not folder.exists():
-            raise DatasetError(f"dataset {name!r} not found at {folder}\nexpected layout:\n{spec.layout}")
+            raise DatasetError(f"dataset {name!r} not found at {folder}\nexpected layout:\n{layout_at(spec, folder)}")
         return folder
     if (folder / _COMPLETE).exists():
         return folder
@@ -89,6 +123,52 @@ def dataset_folder(name: str, data_root: Path | None = None) -> Path:
     return folder
 
 
-def build_dataset(name: str, split: str, data_root: Path | None = None, **kwargs: Any) -> Any:
+def build_dataset(
+    name: str, split: str, data_root: Path | None = None, scale: str | None = None, field: str = "", **kwargs: Any
+) -> Any:
+    """Build one split; ``scale``/``field`` as in ``dataset_folder``."""
     spec: DatasetSpec = DATASETS.get(name)
-    return spec.build(dataset_folder(name, data_root), split, **kwargs)
+    return spec.build(dataset_folder(name, data_root, scale, field), split, **kwargs)
+
+
+def validate_dataset(
+    name: str, root: Path | None, split: str | tuple[str, ...], scale: str = "micro", field: str = ""
+) -> None:
+    """Check a dataset before any training: call it for every dataset a run will read.
+
+    Raises ``DatasetError`` naming the path (or ``field``) and showing the expected layout for: an
+    unknown name (``UnknownNameError``), a synthetic dataset at small / paper scale, a missing
+    folder, a split whose folders / annotation / split files are missing or name missing files.
+    ``split`` may be a tuple of splits, or ``"all"`` for the three folds of a video dataset
+    (``train1..3`` and ``test1..3``). Embedded synthetic data that does not exist yet is generated
+    complete on first use, so it is not checked (nor written) here; an existing copy is checked like
+    a real dataset. Nothing is written.
+    """
+    spec: DatasetSpec = DATASETS.get(name)
+    _require_real(spec, scale, field)
+    splits = _expand_splits(spec, split)
+    folder = (Path(root) if root is not None else default_data_root()) / spec.folder_name
+    if spec.synthetic and not folder.exists():
+        return  # generated (complete, known good) on first use
+    if spec.synthetic and not (folder / _COMPLETE).exists():
+        dataset_folder(name, root)  # raises: a folder that is not a complete generated dataset
+    if not folder.is_dir():
+        where = f" ({field})" if field else ""
+        raise DatasetError(
+            f"dataset {name!r}{where} not found at {folder}\nexpected layout:\n{layout_at(spec, folder)}"
+        )
+    for s in splits:
+        if spec.validate is not None:
+            spec.validate(folder, s)
+        else:
+            spec.build(folder, s, cache=False)  # the split's index only: no image is decoded
+
+
+def _expand_splits(spec: DatasetSpec, split: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(split, tuple):
+        return tuple(s for one in split for s in _expand_splits(spec, one))
+    if split == "all":
+        if spec.kind != "video":
+            raise DatasetError(f"split 'all' (the three folds) exists only for video datasets, not {spec.name!r}")
+        return tuple(f"{kind}{fold}" for fold in (1, 2, 3) for kind in ("train", "test"))
+    return (split,)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,49 @@ def load_coco(ann_file: Path) -> COCO:
     return coco
 
 
+class CocoAnnotationWarning(UserWarning):
+    """Annotations that cannot be training targets (named by id): the rest of the file is usable."""
+
+
+def _ids(ids: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def check_annotations(coco: COCO, ann_file: Path) -> None:
+    """Report what the loaders would otherwise drop without a word.
+
+    * an annotation whose ``image_id`` is not in ``images``: warned (count and annotation ids); an
+      error when no annotation names an existing image (the file is unusable);
+    * a ``bbox`` without 4 numbers: an error; a non-crowd box with width or height <= 0: warned
+      (count and ids); it is never a target (detectron2 and torchvision drop degenerate boxes too).
+    """
+    anns = coco.dataset["annotations"]
+    bad_shape = [a.get("id") for a in anns if not (isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4)]
+    if bad_shape:
+        raise DatasetError(
+            f"{ann_file}: {len(bad_shape)} annotation(s) without a 4-number 'bbox' [x, y, w, h]: ids {_ids(bad_shape)}"
+        )
+    orphans = [a.get("id") for a in anns if a.get("image_id") not in coco.imgs]
+    if orphans and len(orphans) == len(anns):
+        raise DatasetError(f"{ann_file}: none of its {len(anns)} annotations names an image id listed in 'images'")
+    if orphans:
+        warnings.warn(
+            f"{ann_file}: {len(orphans)} annotation(s) name an image id not in 'images' and are ignored: "
+            f"annotation ids {_ids(orphans)}",
+            CocoAnnotationWarning,
+            stacklevel=3,
+        )
+    degenerate = [a.get("id") for a in anns if a.get("iscrowd", 0) == 0 and min(a["bbox"][2], a["bbox"][3]) <= 0]
+    if degenerate:
+        warnings.warn(
+            f"{ann_file}: {len(degenerate)} box(es) with width or height <= 0 are dropped: annotation ids "
+            f"{_ids(degenerate)}",
+            CocoAnnotationWarning,
+            stacklevel=3,
+        )
+
+
 def _usable(ann: dict) -> bool:
     return ann.get("iscrowd", 0) == 0 and ann["bbox"][2] > 0 and ann["bbox"][3] > 0
 
@@ -62,6 +106,7 @@ class CocoInstances(Dataset):
         self.coco = load_coco(self.ann_file)
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder {self.image_dir} not found\nexpected layout:\n{COCO_LAYOUT}")
+        check_annotations(self.coco, self.ann_file)
         # contiguous label k (1..K) <-> category id cat_ids[k - 1]
         self.cat_ids = sorted(self.coco.getCatIds())
         self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
@@ -70,6 +115,8 @@ class CocoInstances(Dataset):
         ids = sorted(self.coco.imgs)
         if drop_empty if drop_empty is not None else split == "train":
             ids = [i for i in ids if any(_usable(a) for a in self.coco.imgToAnns[i])]
+            if not ids:
+                raise DatasetError(f"{self.ann_file}: no image has a usable (non-crowd, positive-size) annotation")
         self.ids = ids
 
     @property

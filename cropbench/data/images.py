@@ -34,7 +34,13 @@ def normalize(images: Tensor) -> Tensor:
     return (images.float() - mean) / std
 
 
-IMAGEFOLDER_LAYOUT = """<root>/{train,val}/<class_name>/<image>.{jpg,jpeg,png,...}   (torchvision ImageFolder)"""
+IMAGEFOLDER_LAYOUT = """<root>/{train,val}/<class_name>/<image>.{jpg,jpeg,png,...}   (torchvision ImageFolder;
+    class indices: the sorted class folders of train/, for every split)"""
+IMAGENET_LAYOUT = """<root>/train/<wnid>/<wnid>_<n>.JPEG         ILSVRC2012_img_train.tar holds one tar per class:
+                                            untar each into its wnid folder
+<root>/val/<wnid>/ILSVRC2012_val_<n>.JPEG   ILSVRC2012_img_val.tar unpacks flat: sort it into the
+                                            wnid folders first (e.g. the widely used valprep.sh)
+    class indices: the sorted wnid folders of train/, for every split"""
 
 
 def to_canvas(img: Image.Image, size: int) -> Tensor:
@@ -45,16 +51,23 @@ def to_canvas(img: Image.Image, size: int) -> Tensor:
 
 
 class ImageFolderCanvas(Dataset):
-    """An ImageFolder split; ``cache=True`` decodes every image once and keeps the canvases in memory."""
+    """An ImageFolder split; ``cache=True`` decodes every image once and keeps the canvases in memory.
 
-    def __init__(self, folder: Path, split: str, image_size: int = 64, cache: bool = False):
+    Class indices come from the training split's folders (``class_split``), for every split: a
+    validation split that lacks a class keeps the training indices (torchvision's per-folder
+    ``find_classes`` would shift every later label), and a class folder that exists only in a
+    non-training split is an error naming it.
+    """
+
+    def __init__(self, folder: Path, split: str, image_size: int = 64, cache: bool = False, class_split: str = "train"):
         self.root = Path(folder) / split
-        if not self.root.is_dir():
-            raise DatasetError(f"split folder {self.root} does not exist\nexpected layout:\n{IMAGEFOLDER_LAYOUT}")
+        self.classes, self.class_to_idx = class_index(Path(folder), split, class_split)
         try:
-            self.classes, self.class_to_idx = torchvision.datasets.folder.find_classes(str(self.root))
             self.samples = torchvision.datasets.folder.make_dataset(
-                str(self.root), self.class_to_idx, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
+                str(self.root),
+                self.class_to_idx,
+                extensions=torchvision.datasets.folder.IMG_EXTENSIONS,
+                allow_empty=split != class_split,
             )
         except (FileNotFoundError, OSError) as e:
             raise DatasetError(f"{self.root}: {e}\nexpected layout:\n{IMAGEFOLDER_LAYOUT}") from e
@@ -84,6 +97,33 @@ class ImageFolderCanvas(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         img = self._cache[i] if self._cache is not None else self._load(i)
         return img, self.targets[i], i
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DatasetError(f"split folder {root} does not exist\nexpected layout:\n{IMAGEFOLDER_LAYOUT}")
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir())
+    if not classes:
+        raise DatasetError(
+            f"{root} has no class folders (a flat folder of images, as ILSVRC2012_img_val.tar unpacks, "
+            f"must be sorted into class folders first)\nexpected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    return classes
+
+
+def class_index(folder: Path, split: str, class_split: str = "train") -> tuple[list[str], dict[str, int]]:
+    """Sorted class names of ``<folder>/<class_split>`` and their indices, checked against ``split``.
+
+    A class folder of ``split`` that the training split lacks is a ``DatasetError`` naming it."""
+    classes = _class_folders(folder / class_split)
+    if split != class_split:
+        extra = sorted(set(_class_folders(folder / split)) - set(classes))
+        if extra:
+            raise DatasetError(
+                f"{folder / split} has class folder(s) {', '.join(extra)} that the training split "
+                f"{folder / class_split} does not have: class indices come from the training split"
+            )
+    return classes, {c: i for i, c in enumerate(classes)}
 
 
 def collate_images(samples: list[tuple[Tensor, int, int]]) -> ImageBatch:
@@ -118,7 +158,7 @@ register_dataset(
         "imagenet",
         "classification",
         "imagenet",
-        IMAGEFOLDER_LAYOUT,
+        IMAGENET_LAYOUT,
         _build_imagefolder,
         description="ImageNet-1k in ImageFolder layout (train/, val/ with class folders)",
     )
@@ -128,7 +168,7 @@ register_dataset(
         "imagenet100",
         "classification",
         "imagenet100",
-        IMAGEFOLDER_LAYOUT,
+        IMAGENET_LAYOUT,
         _build_imagefolder,
         description="ImageNet-100 (CMC subset) in ImageFolder layout",
     )

@@ -22,8 +22,9 @@ UCF101_LAYOUT = """<root>/ucf101/
   ucfTrainTestlist/trainlist0{1,2,3}.txt    lines '<Class>/v_<Class>_gGG_cCC.avi <1-based label>'
   ucfTrainTestlist/testlist0{1,2,3}.txt     lines '<Class>/v_<Class>_gGG_cCC.avi' (no label)"""
 HMDB51_LAYOUT = """<root>/hmdb51/
-  videos/<class>/<video>.avi
-  testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt
+  <class>/<video>.avi                       as hmdb51_org.rar's per-class archives unpack
+                                            (or videos/<class>/<video>.avi)
+  testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt   (test_train_splits.rar)
       lines '<video>.avi <1 train | 2 test | 0 unused>'"""
 KINETICS_LAYOUT = """<root>/kinetics400/{train,val}/<class>/<youtube_id>_<start>_<end>.mp4
   (pytorchvideo's directory layout: classes are the sorted folder names)"""
@@ -47,8 +48,7 @@ def parse_split(split: str, kinds: tuple[str, ...] = ("train", "test")) -> tuple
     m = re.fullmatch(r"([a-z]+)([123]?)", split)
     if m is None or m.group(1) not in kinds:
         raise DatasetError(
-            f"unknown split {split!r}; expected one of {', '.join(kinds)}, "
-            "optionally followed by the fold 1, 2 or 3"
+            f"unknown split {split!r}; expected one of {', '.join(kinds)}, optionally followed by the fold 1, 2 or 3"
         )
     return m.group(1), int(m.group(2) or 1)
 
@@ -73,10 +73,7 @@ def read_class_ind(path: Path) -> tuple[str, ...]:
     bad = [r for r in rows if len(r) != 2 or not r[0].isdigit()]
     ids = [int(r[0]) for r in rows if r not in bad]
     if bad or ids != list(range(1, len(rows) + 1)):
-        raise DatasetError(
-            f"{path}: expected lines '<id> <Class>' with ids 1..N in order, "
-            f"got {bad[:1] or rows[:3]}"
-        )
+        raise DatasetError(f"{path}: expected lines '<id> <Class>' with ids 1..N in order, got {bad[:1] or rows[:3]}")
     return tuple(r[1] for r in rows)
 
 
@@ -89,13 +86,9 @@ def ucf101_list(folder: Path, split: str) -> VideoList:
     if not split_file.is_file():
         raise DatasetError(f"{split_file} not found\nexpected layout:\n{UCF101_LAYOUT}")
     try:
-        parsed = LabeledVideoPaths.from_csv(
-            str(split_file)
-        )  # 1-based labels; -1 for testlist lines
+        parsed = LabeledVideoPaths.from_csv(str(split_file))  # 1-based labels; -1 for testlist lines
     except (AssertionError, ValueError) as e:
-        raise DatasetError(
-            f"{split_file}: cannot parse ({e}); expected lines '<Class>/<video>.avi [label]'"
-        ) from e
+        raise DatasetError(f"{split_file}: cannot parse ({e}); expected lines '<Class>/<video>.avi [label]'") from e
     parsed.path_prefix = str(Path(folder) / "UCF-101")
     index = {c: i for i, c in enumerate(classes)}
     items = []
@@ -103,17 +96,20 @@ def ucf101_list(folder: Path, split: str) -> VideoList:
         path, info = parsed[line]
         cls, label = Path(path).parent.name, info["label"]
         if cls not in index:
-            raise DatasetError(
-                f"{split_file}:{line + 1}: class folder {cls!r} of {path} is not in classInd.txt"
-            )
+            raise DatasetError(f"{split_file}:{line + 1}: class folder {cls!r} of {path} is not in classInd.txt")
         if label != -1 and label - 1 != index[cls]:
             raise DatasetError(
-                f"{split_file}:{line + 1}: label {label} disagrees with classInd.txt "
-                f"({cls} = {index[cls] + 1})"
+                f"{split_file}:{line + 1}: label {label} disagrees with classInd.txt ({cls} = {index[cls] + 1})"
             )
         items.append(VideoItem(path, index[cls]))
     _check_exist(items, str(split_file), UCF101_LAYOUT)
     return VideoList(tuple(items), classes, str(split_file))
+
+
+def hmdb51_video_root(folder: Path) -> Path:
+    """Where the class folders are: ``<folder>/videos`` (cropbench's synthetic layout) when it
+    exists, else ``<folder>`` itself (the official archives unpack class folders there)."""
+    return folder / "videos" if (folder / "videos").is_dir() else folder
 
 
 def hmdb51_list(folder: Path, split: str) -> VideoList:
@@ -122,27 +118,18 @@ def hmdb51_list(folder: Path, split: str) -> VideoList:
     splits = Path(folder) / "testTrainMulti_7030_splits"
     files = sorted(splits.glob(f"*_test_split{fold}.txt")) if splits.is_dir() else []
     if not files:
-        raise DatasetError(
-            f"no *_test_split{fold}.txt files in {splits}\nexpected layout:\n{HMDB51_LAYOUT}"
-        )
+        raise DatasetError(f"no *_test_split{fold}.txt files in {splits}\nexpected layout:\n{HMDB51_LAYOUT}")
     classes = tuple(sorted(f.name[: -len(f"_test_split{fold}.txt")] for f in files))
     source = f"{splits}/*_test_split{fold}.txt"
     try:
-        parsed = Hmdb51LabeledVideoPaths.from_csvs(
-            files, split_type=kind
-        )  # labels are class-name strings
+        parsed = Hmdb51LabeledVideoPaths.from_csvs(files, split_type=kind)  # labels are class-name strings
     except (AssertionError, ValueError, IndexError) as e:
-        raise DatasetError(
-            f"{source}: cannot parse ({e}); expected lines '<video>.avi <0|1|2>'"
-        ) from e
+        raise DatasetError(f"{source}: cannot parse ({e}); expected lines '<video>.avi <0|1|2>'") from e
     if isinstance(parsed, Exception):  # pytorchvideo 0.1.5 returns (not raises) some errors
         raise DatasetError(f"{source}: {parsed}")
-    parsed.path_prefix = str(Path(folder) / "videos")
+    parsed.path_prefix = str(hmdb51_video_root(Path(folder)))
     index = {c: i for i, c in enumerate(classes)}
-    items = [
-        VideoItem(path, index[info["label"]])
-        for path, info in (parsed[i] for i in range(len(parsed)))
-    ]
+    items = [VideoItem(path, index[info["label"]]) for path, info in (parsed[i] for i in range(len(parsed)))]
     _check_exist(items, source, HMDB51_LAYOUT)
     return VideoList(tuple(items), classes, source)
 
@@ -158,8 +145,5 @@ def kinetics_list(folder: Path, split: str) -> VideoList:
     except (AssertionError, FileNotFoundError) as e:
         raise DatasetError(f"{root}: {e}\nexpected layout:\n{KINETICS_LAYOUT}") from e
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    items = [
-        VideoItem(path, int(info["label"]))
-        for path, info in (parsed[i] for i in range(len(parsed)))
-    ]
+    items = [VideoItem(path, int(info["label"])) for path, info in (parsed[i] for i in range(len(parsed)))]
     return VideoList(tuple(items), classes, str(root))

@@ -79,9 +79,7 @@ def draw_look(rng: np.random.Generator) -> Look:
     return Look(fg, fg2, bg0, bg1, shape, texture, period, radius, aspect, scene, start, angle)
 
 
-def motion(
-    rng: np.random.Generator, action: int, n: int, size: int, look: Look
-) -> dict[str, np.ndarray]:
+def motion(rng: np.random.Generator, action: int, n: int, size: int, look: Look) -> dict[str, np.ndarray]:
     """Per-frame pose of the object: centre (cx, cy) in pixels, scale, angle (rad), visibility.
 
     The object starts where the group's look puts it; ``rng`` draws the clip's speed, phase and
@@ -108,9 +106,7 @@ def motion(
         angle = angle + sign * rng.uniform(0.25, 0.35) * t
     elif name == "bounce":
         floor = rng.uniform(0.75, 0.85) * size
-        cy = floor - rng.uniform(0.3, 0.45) * size * np.abs(
-            np.sin(np.pi * t / rng.uniform(10, 16) + phase)
-        )
+        cy = floor - rng.uniform(0.3, 0.45) * size * np.abs(np.sin(np.pi * t / rng.uniform(10, 16) + phase))
     elif name == "shake":
         cx = cx + rng.uniform(0.1, 0.14) * size * np.sin(2 * np.pi * t / rng.uniform(6, 10) + phase)
     elif name == "orbit":
@@ -129,9 +125,7 @@ def motion(
     }
 
 
-def _object_layer(
-    look: Look, pose: dict[str, np.ndarray], size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _object_layer(look: Look, pose: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Object mask (T×H×W bool) and colour (T×H×W×3) from per-frame poses (object coordinates)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     dx, dy = x[None] - pose["cx"][:, None, None], y[None] - pose["cy"][:, None, None]
@@ -156,9 +150,7 @@ def _object_layer(
     return mask, colour
 
 
-def _background(
-    rng: np.random.Generator, look: Look, n: int, size: int, cfg: SynthVideoConfig
-) -> np.ndarray:
+def _background(rng: np.random.Generator, look: Look, n: int, size: int, cfg: SynthVideoConfig) -> np.ndarray:
     """T×H×W×3 background: the group's gradient + soft texture + static blobs; the clip's ``rng``
     only draws the camera pan."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -168,24 +160,18 @@ def _background(
         y[None] + np.float32(pan[:, 1, None, None]),
     )
     scene = np.random.default_rng(look.scene)
-    a, b, fx, fy = (
-        np.float32(v) for v in (*scene.uniform(-0.6, 0.6, 2), *scene.uniform(1.5, 3, 2))
-    )
+    a, b, fx, fy = (np.float32(v) for v in (*scene.uniform(-0.6, 0.6, 2), *scene.uniform(1.5, 3, 2)))
     g = np.clip(0.5 + a * (xs - 0.5) + b * (ys - 0.5), 0, 1)[..., None]
     tex = np.sin(np.float32(2 * np.pi) * (fx * xs + fy * ys))[..., None]
     frames = look.bg0 * (1 - g) + look.bg1 * g + np.float32(12.5) * tex
     for _ in range(cfg.distractors):
-        cx, cy, rad = (
-            np.float32(v) for v in (*scene.uniform(0.15, 0.85, 2), scene.uniform(0.06, 0.12))
-        )
+        cx, cy, rad = (np.float32(v) for v in (*scene.uniform(0.15, 0.85, 2), scene.uniform(0.06, 0.12)))
         blob = (xs - cx) ** 2 + (ys - cy) ** 2 < rad**2
         frames = np.where(blob[..., None], _colour(scene), frames)
     return frames
 
 
-def render_video(
-    rng: np.random.Generator, action: int, look: Look, cfg: SynthVideoConfig
-) -> np.ndarray:
+def render_video(rng: np.random.Generator, action: int, look: Look, cfg: SynthVideoConfig) -> np.ndarray:
     """One clip of class ``action``: T×H×W×3 uint8."""
     n = int(rng.integers(cfg.frames[0], cfg.frames[1] + 1))
     pose = motion(rng, action, n, cfg.size, look)
@@ -196,9 +182,7 @@ def render_video(
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
-def clip_rng(
-    cfg: SynthVideoConfig, dataset: str, action: int, group: int, clip: int
-) -> np.random.Generator:
+def clip_rng(cfg: SynthVideoConfig, dataset: str, action: int, group: int, clip: int) -> np.random.Generator:
     key = {"ucf": 0, "hmdb": 1}[dataset]
     return np.random.default_rng([cfg.seed, key, action, group, clip, VIDEO_GENERATOR_VERSION])
 
@@ -206,11 +190,7 @@ def clip_rng(
 def group_look(cfg: SynthVideoConfig, dataset: str, group: int) -> Look:
     """Appearance (object and scene) shared by every clip of one group, whatever its class:
     UCF101's 'same actor and scene'. Appearance says nothing about the class; motion does."""
-    return draw_look(
-        np.random.default_rng(
-            [cfg.seed, {"ucf": 0, "hmdb": 1}[dataset], group, VIDEO_GENERATOR_VERSION]
-        )
-    )
+    return draw_look(np.random.default_rng([cfg.seed, {"ucf": 0, "hmdb": 1}[dataset], group, VIDEO_GENERATOR_VERSION]))
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
@@ -232,12 +212,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
 
 UCF_CLASSES = tuple(a.capitalize() for a in ACTIONS)  # UCF101 spells classes in CamelCase
 HMDB_CLASSES = ACTIONS  # HMDB51 spells them lower_snake_case
-UCF_SYNTH = SynthVideoConfig(
-    noise=3.0, distractors=0
-)  # 10 classes x 9 groups x 3 clips = 270 videos
-HMDB_SYNTH = SynthVideoConfig(
-    pan=0.6, noise=8.0, distractors=2, groups=10, clips_per_group=2
-)  # 200, harder
+UCF_SYNTH = SynthVideoConfig(noise=3.0, distractors=0)  # 10 classes x 9 groups x 3 clips = 270 videos
+HMDB_SYNTH = SynthVideoConfig(pan=0.6, noise=8.0, distractors=2, groups=10, clips_per_group=2)  # 200, harder
 
 
 def ucf_test_groups(cfg: SynthVideoConfig, fold: int) -> range:
@@ -265,9 +241,7 @@ def write_ucf101(folder: Path, cfg: SynthVideoConfig = UCF_SYNTH) -> None:
                 names.setdefault(g, []).append((a, rel))
     lists = folder / "ucfTrainTestlist"
     lists.mkdir(parents=True, exist_ok=True)
-    (lists / "classInd.txt").write_text(
-        "".join(f"{i + 1} {c}\n" for i, c in enumerate(UCF_CLASSES))
-    )
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(UCF_CLASSES)))
     for fold in (1, 2, 3):
         test = set(ucf_test_groups(cfg, fold))
         rows = sorted((rel, a) for g, items in names.items() for a, rel in items if g not in test)
@@ -282,9 +256,7 @@ def hmdb_marks(cfg: SynthVideoConfig, fold: int) -> dict[int, int]:
     The same groups are held out for every class, so no test look was seen in training."""
     order = np.random.default_rng([cfg.seed, 7, fold]).permutation(cfg.groups) + 1
     n_test, n_unused = round(0.3 * cfg.groups), max(1, round(0.1 * cfg.groups))
-    return {
-        int(g): 2 if i < n_test else 0 if i < n_test + n_unused else 1 for i, g in enumerate(order)
-    }
+    return {int(g): 2 if i < n_test else 0 if i < n_test + n_unused else 1 for i, g in enumerate(order)}
 
 
 def write_hmdb51(folder: Path, cfg: SynthVideoConfig = HMDB_SYNTH) -> None:
@@ -305,6 +277,4 @@ def write_hmdb51(folder: Path, cfg: SynthVideoConfig = HMDB_SYNTH) -> None:
                 files.append((g, name))
         for fold in (1, 2, 3):
             marks = hmdb_marks(cfg, fold)
-            (splits / f"{cls}_test_split{fold}.txt").write_text(
-                "".join(f"{n} {marks[g]} \n" for g, n in files)
-            )
+            (splits / f"{cls}_test_split{fold}.txt").write_text("".join(f"{n} {marks[g]} \n" for g, n in files))

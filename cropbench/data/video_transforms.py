@@ -27,9 +27,7 @@ def frame_interval(start: Tensor, frames: int, stride: int) -> Tensor:
     return torch.stack([t0, t0 + frames * stride], dim=1)
 
 
-def cube_theta(
-    boxes: Tensor, times: Tensor, size: tuple[int, int, int], flipped: Tensor | None = None
-) -> Tensor:
+def cube_theta(boxes: Tensor, times: Tensor, size: tuple[int, int, int], flipped: Tensor | None = None) -> Tensor:
     """B×3×4 ``affine_grid`` matrices (align_corners=False) for cubes in a T×H×W source.
 
     Per axis of length L a source interval (a, b) is u -> (b − a)/L · u + (a + b)/L − 1 in
