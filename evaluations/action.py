@@ -48,6 +48,8 @@ from cropbench.evaluations.features import weights_hash
 from cropbench.methods.video_views import VideoViewConfig, make_video_view
 from cropbench.methods.views import ViewConfig, adjust_hue, to_gray
 
+FIELD = "eval.ucf101.dataset / eval.hmdb51.dataset"  # names the setting in dataset errors
+
 
 @dataclass(frozen=True)
 class ActionSettings:
@@ -230,7 +232,7 @@ def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalDat
         "protocol": protocol,
         "split": split,
         "seed": data.seed,
-        "folder": str(dataset_folder(s.dataset, data.root).resolve()),
+        "folder": str(dataset_folder(s.dataset, data.root, data.scale, FIELD).resolve()),
         "mode": data.device.type,
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -244,8 +246,8 @@ def linear_features(encoder: nn.Module, s: ActionSettings, fold: str, data: Eval
         data.log(f"{s.dataset} split {fold}: cached features {path.name}")
         return torch.load(path, map_location="cpu", weights_only=True)
     device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
-    train = build_dataset(s.dataset, f"train{fold}", data.root, image_size=s.image_size)
-    test = build_dataset(s.dataset, f"test{fold}", data.root, image_size=s.image_size)
+    train = build_dataset(s.dataset, f"train{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
+    test = build_dataset(s.dataset, f"test{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
     xs, ys = [], []
     for epoch in range(s.train_clips):
         for views, labels in train_batches(train, s, epoch, gen, shuffle=False):
@@ -328,8 +330,8 @@ def linear_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalDat
 def finetune_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, float]:
     """Fine-tune a copy of the encoder + dropout + linear head on split ``fold``; test."""
     device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
-    train = build_dataset(s.dataset, f"train{fold}", data.root, image_size=s.image_size)
-    test = build_dataset(s.dataset, f"test{fold}", data.root, image_size=s.image_size)
+    train = build_dataset(s.dataset, f"train{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
+    test = build_dataset(s.dataset, f"test{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
     torch.manual_seed(data.seed)
     model = nn.Sequential(
         copy.deepcopy(encoder),

@@ -2,43 +2,33 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cropbench.config import from_dict
-from cropbench.dist import DistContext, all_reduce_grads
+from cropbench.dist import all_reduce_grads, init_process_group, shutdown
 from cropbench.recipe import Recipe
 from cropbench.runner import load_encoder, pretrain_distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _grad_worker(rank: int, world: int, store: str, out: str) -> None:
+    ctx = init_process_group("gloo", rank, world, store)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(8, 4), torch.randn(8, 3)
     shard = slice(rank * 4, rank * 4 + 4)
     torch.nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
-    all_reduce_grads(model.parameters(), DistContext(rank, world))
+    all_reduce_grads(model.parameters(), ctx)
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out)
-    dist.destroy_process_group()
+    shutdown(ctx)
 
 
 def test_all_reduce_grads_equals_the_full_batch_gradient(tmp_path: Path) -> None:
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_grad_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(8, 4), torch.randn(8, 3)

@@ -19,19 +19,16 @@ References (facts carried over, not code):
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cropbench.config import from_dict
-from cropbench.dist import DistContext
+from cropbench.dist import DistContext, init_process_group, shutdown
 from cropbench.errors import ConfigError
 from cropbench.methods import mocov2 as mocov2_module
 from cropbench.methods.base import BATCHNORM_MODES, ImageBatch, MethodContext, VideoBatch
@@ -251,12 +248,11 @@ def test_trainer_uses_syncbn_only_for_methods_whose_official_code_does(capsys: p
 WORLD, LOCAL, SPLITS = 2, 6, 4  # 2 BN groups of 3 per process
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
+    ctx = init_process_group("gloo", rank, WORLD, str(Path(out_dir) / "store"))
     torch.set_num_threads(1)
     try:
-        ctx, x = DistContext(rank, WORLD), _inputs(WORLD * LOCAL)[rank * LOCAL : (rank + 1) * LOCAL]
+        x = _inputs(WORLD * LOCAL)[rank * LOCAL : (rank + 1) * LOCAL]
         net = TinyKeyNet().train()
         gen = torch.Generator().manual_seed(100 + rank)  # rank 0's permutation is broadcast
         with torch.no_grad():
@@ -264,18 +260,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             own = shuffle_bn_forward(lambda t: t * 10, x, ctx, torch.Generator().manual_seed(7 + rank), SPLITS)
         torch.save({"keys": keys, "own": own, "x": x}, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        shutdown(ctx)
 
 
 def test_two_process_shuffle_bn_gives_every_sample_its_own_key(tmp_path: Path) -> None:
     # fork: the workers need nothing the parent has not imported (spawn would re-import torchvision)
-    mp.start_processes(_worker, (_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, (str(tmp_path),), nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x = torch.cat([r["x"] for r in ranks])
     for r in ranks:  # a per-sample key encoder: each sample gets its own output back, in order
