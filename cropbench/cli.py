@@ -215,13 +215,97 @@ def run(
     click.echo(run_table(records))
 
 
+@cli.command("eval")
+@click.argument("weights", type=click.Path(path_type=Path))
+@click.option("--entry", required=True, help="Entry whose evaluation protocols (and backbone) to use.")
+@click.option("--variant", default=None, help="Variant name (default: the entry's first).")
+@click.option(
+    "--eval", "evals", multiple=True, help="Evaluation(s) to run (repeatable; default: all the entry supports)."
+)
+@click.option("--scale", type=click.Choice(SCALES), default="micro", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    help="Release format of WEIGHTS (auto: recognised by its keys), e.g. mocov2, simsiam, openselfsup, "
+    "videomoco, torchvision, timm, detectron2, cropbench (cropbench.weights.format_names()).",
+)
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset root (as for run).")
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Evaluation setting, e.g. eval.knn.k=20 (repeatable)."
+)
+@click.option("--seed", default=None, type=int, help="Evaluation seed (default: a cropbench checkpoint's, else 0).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Processes (torch.distributed): fine-tuning evaluations train data-parallel.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True, help="Records root."
+)
+@click.option(
+    "--work-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Feature caches."
+)
+@click.option("--quiet", is_flag=True)
+def eval_cmd(
+    weights: Path,
+    entry: str,
+    variant: str | None,
+    evals: tuple[str, ...],
+    scale: str,
+    fmt: str,
+    data_root: Path | None,
+    sets: tuple[str, ...],
+    seed: int | None,
+    device: str,
+    nproc: int,
+    out: Path,
+    work_dir: Path,
+    quiet: bool,
+) -> None:
+    """Evaluate WEIGHTS (a cropbench checkpoint.pt or a paper's released checkpoint) under ENTRY's
+    evaluation protocols, without pretraining; records say where the weights came from."""
+    from cropbench.runner import EvalSpec, evaluate_weights
+    from cropbench.tables import run_table
+
+    e = load_entry(entry)
+    spec = EvalSpec(
+        weights,
+        entry,
+        variant or e.variant_names()[0],
+        scale,
+        tuple(evals),
+        seed,
+        data_root,
+        device,
+        nproc,
+        fmt,
+        out,
+        work_dir,
+        parse_overrides(sets),
+        quiet,
+    )
+    click.echo(run_table(evaluate_weights(spec)))
+
+
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html"]), default="md", show_default=True)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Write to FILE (atomically) instead of stdout."
 )
 @click.option("--records", type=click.Path(path_type=Path), default=RESULTS / "records", show_default=True)
-def leaderboard(fmt: str, out: Path | None, records: Path) -> None:
+@click.option(
+    "--view",
+    type=click.Choice(["all", "results", "reproduction"]),
+    default="all",
+    show_default=True,
+    help="results: per-scale tables; reproduction: paper vs ours per entry, and claims; all: both (csv: results).",
+)
+def leaderboard(fmt: str, out: Path | None, records: Path, view: str) -> None:
     """Comparison tables regenerated from records only (byte-identical when run twice)."""
     from cropbench.records import load_records
     from cropbench.tables import leaderboard as make
@@ -229,9 +313,9 @@ def leaderboard(fmt: str, out: Path | None, records: Path) -> None:
 
     recs = load_records(records)
     if out is None:
-        click.echo(make(recs, fmt), nl=False)
+        click.echo(make(recs, fmt, view), nl=False)
     else:
-        write_leaderboard(recs, out, fmt)
+        write_leaderboard(recs, out, fmt, view)
         click.echo(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from cropbench.config import from_dict
+from cropbench.config import from_dict, to_dict
 from cropbench.errors import CropbenchError
 
 
@@ -46,7 +46,10 @@ class Record:
     metrics: dict[str, float]  # what evaluate() returned, e.g. {"top1": 61.2, "top5": 95.0}
     pretrain: dict[str, float]  # loss_first, loss_last, epochs, steps, images_per_s, wall_s
     eval_wall_s: float
-    provenance: dict[str, Any]  # recipe, recipe_hash, git_commit, git_dirty, versions, device, ...
+    # recipe, recipe_hash, git_commit, git_dirty, versions, device, overrides; config (the method's
+    # resolved Config), eval_settings (resolved Settings), protocol_hash; from ``cropbench eval``
+    # also weights (Provenance.to_dict()) and external_weights (True unless a cropbench checkpoint)
+    provenance: dict[str, Any]
 
     @property
     def key(self) -> RecordKey:
@@ -58,6 +61,27 @@ class Record:
         with any is *modified*: tables mark it and ``check`` keeps it from paper references."""
         found = self.provenance.get("overrides") or {}
         return dict(found) if isinstance(found, dict) else {}
+
+    @property
+    def external_weights(self) -> bool:
+        """Evaluated by ``cropbench eval`` on weights that cropbench did not train (a paper's
+        release, torchvision's ...): ``provenance.external_weights``; tables mark such rows."""
+        return bool(self.provenance.get("external_weights", False))
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """``cropbench eval``'s weights provenance (file, sha256, format, mapping, dropped); {} for
+        a record of ``cropbench run``."""
+        found = self.provenance.get("weights") or {}
+        return dict(found) if isinstance(found, dict) else {}
+
+    @property
+    def protocol_hash(self) -> str | None:
+        """Identity of the evaluation protocol: hash of the resolved evaluation ``Settings``
+        (``provenance.protocol_hash``); records with different hashes never share a table cell.
+        None for records written before it existed."""
+        found = self.provenance.get("protocol_hash")
+        return found if isinstance(found, str) else None
 
     @property
     def deviations(self) -> dict[str, str]:
@@ -160,6 +184,24 @@ def _git(*args: str, cwd: Path = PACKAGE_DIR) -> str | None:
 def recipe_hash(recipe_dict: dict) -> str:
     """Same hash as ``Recipe.hash()``: sha256 of the sorted-key JSON, first 16 hex digits."""
     return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def protocol_hash(eval_name: str, settings: dict[str, Any]) -> str:
+    """sha256 of the evaluation's name and its resolved ``Settings`` (defaults filled in), sorted
+    JSON, first 16 hex digits: two records with different protocols have different hashes."""
+    return recipe_hash({"eval": eval_name, "settings": settings})
+
+
+def protocol_provenance(eval_name: str, settings: Any, method_config: Any) -> dict[str, Any]:
+    """The resolved configuration a record carries: ``config`` (the method's validated ``Config``),
+    ``eval_settings`` (the evaluation's validated ``Settings``, every default filled in) and their
+    ``protocol_hash``."""
+    resolved = to_dict(settings)
+    return {
+        "config": to_dict(method_config),
+        "eval_settings": resolved,
+        "protocol_hash": protocol_hash(eval_name, resolved),
+    }
 
 
 def package_versions() -> dict[str, str]:

@@ -74,11 +74,16 @@ def seeded_recipe(entry: Entry, spec: RunSpec, seed: int) -> Recipe:
     return entry.recipe(spec.variant, spec.scale, deep_merge(spec.overrides, {"train": {"seed": seed}}))
 
 
+def method_config(recipe: Recipe, where: str = "") -> Any:
+    """The method's ``Config`` validated from ``recipe.params`` (defaults filled in)."""
+    return from_dict(METHODS.get(recipe.method).Config, recipe.params, where, "params")
+
+
 def build_method(recipe: Recipe, ctx: MethodContext, where: str = "") -> SSLMethod:
     """Method class from the registry, its Config validated from ``recipe.params``; a setting the
     method or backbone rejects is a ``ConfigError`` naming the recipe."""
     cls = METHODS.get(recipe.method)
-    cfg = from_dict(cls.Config, recipe.params, where, "params")
+    cfg = method_config(recipe, where)
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     try:
         backbone = build_backbone(recipe.backbone, **recipe.backbone_args)
@@ -414,7 +419,7 @@ def _run_seed(
     log: Callable[[str], None],
 ) -> list[Any]:
     """Pretrain one seed, evaluate it (and its random init), write one record per evaluation."""
-    from cropbench.records import Record, collect_provenance, write_record
+    from cropbench.records import Record, collect_provenance, protocol_provenance, write_record
 
     seed, recipe, run_dir = plan.seed, plan.recipe, plan.run_dir
     where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
@@ -437,16 +442,257 @@ def _run_seed(
         rand.load_state_dict(init_state)
         encoders.append((spec.variant + RANDOM_INIT, rand, {}))  # a random-init encoder had no pretraining
     overrides = overrides_of(entry, spec, recipe)
+    cfg = method_config(recipe, where)
     records = []
     for name in evals:
+        settings = eval_settings(name, recipe, entry.modality, where)
         for variant, enc, pre in encoders:
             t1 = time.perf_counter()
-            metrics = {k: float(v) for k, v in evaluate(enc, name, recipe, entry.modality, data, where).items()}
+            metrics = {k: float(v) for k, v in EVALUATIONS.get(name).evaluate(enc, settings, data).items()}
             wall = time.perf_counter() - t1
-            prov = {**collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv)), "overrides": overrides}
+            prov = {
+                **collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv)),
+                "overrides": overrides,
+                **protocol_provenance(name, settings, cfg),
+            }
             rec = Record(entry.name, variant, spec.scale, name, seed, metrics, pre, wall, prov)
             path = write_record(Path(spec.out), rec)
             shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
             log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
             records.append(rec)
     return records
+
+
+# ---------------------------------------------------------------- cropbench eval
+def _launch(nproc: int, worker: Callable[..., Any], *args: Any) -> Any:
+    """Run ``worker(*args)`` on ``nproc`` local processes (torchrun's launcher); rank 0's result."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        start_method="spawn",
+    )
+    return elastic_launch(cfg, worker)(*args)[0]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """``cropbench eval WEIGHTS``: evaluate a checkpoint (ours or a paper's release) without pretraining."""
+
+    weights: Path
+    entry: str
+    variant: str = "default"
+    scale: str = "micro"
+    evals: tuple[str, ...] = ()  # empty: the entry's own list
+    seed: int | None = None  # None: a cropbench checkpoint's own seed, else 0
+    data_root: Path | None = None
+    device: str = "auto"
+    nproc: int = 1
+    format: str = "auto"
+    out: Path = REPO_ROOT / "results" / "records"
+    work_dir: Path = Path("runs")  # feature caches
+    overrides: dict[str, Any] = field(default_factory=dict)  # eval.<name>.<key> only
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    recipe: Recipe
+    seed: int
+    encoder: torch.nn.Module
+    weights: dict[str, Any]  # Provenance.to_dict()
+    external: bool  # not a cropbench checkpoint
+    overrides: dict[str, Any]
+    settings: dict[str, Any]  # eval name -> validated Settings
+    variant: str
+    scale: str
+    out: Path
+
+
+def check_eval_overrides(overrides: dict[str, Any]) -> None:
+    """``cropbench eval`` takes only ``eval.<name>.<key>`` overrides: the weights are trained."""
+    for key in sorted(flatten(overrides)):
+        if not key.startswith("eval."):
+            raise ConfigError(
+                f"--set {key}: cropbench eval evaluates trained weights, so only evaluation settings "
+                "can be set (eval.<name>.<key>=VALUE, e.g. eval.knn.k=20)"
+            )
+
+
+def load_weights(spec: EvalSpec, recipe: Recipe) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """The encoder with the file's weights (strict; never runs code), its provenance, and the
+    embedded recipe when the file is a cropbench checkpoint (else None)."""
+    from cropbench.weights import format_names, load_external_encoder
+
+    if spec.format != "auto" and spec.format not in format_names():
+        raise ConfigError(f"--format {spec.format!r}: expected auto or one of {', '.join(format_names())}")
+    if not Path(spec.weights).is_file():
+        raise CropbenchError(f"WEIGHTS {spec.weights}: no such file")
+    encoder, prov = load_external_encoder(spec.weights, recipe.backbone, recipe.backbone_args, spec.format)
+    ours = read_checkpoint(Path(spec.weights)).get("recipe") if prov.format == "cropbench" else None
+    return encoder, prov.to_dict(), ours if isinstance(ours, dict) else None
+
+
+def checkpoint_overrides(trained: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """Pretraining keys where a cropbench checkpoint's recipe departs from the entry's (key path ->
+    the checkpoint's value): such a record is *modified*, as a ``run --set`` record is."""
+    skip = ("eval", "deviations")
+    mine = flatten({k: v for k, v in recipe.to_dict().items() if k not in skip})
+    theirs = flatten({k: v for k, v in trained.items() if k not in skip})
+    keys = sorted((set(mine) | set(theirs)) - {"train.seed"})
+    return {k: theirs.get(k) for k in keys if mine.get(k) != theirs.get(k)}
+
+
+def trained_recipe(trained: dict[str, Any], recipe: Recipe, where: str) -> Recipe:
+    """The recipe a cropbench checkpoint was trained with, with the entry's (resolved) evaluation
+    settings and deviations: the record of ``eval`` then matches the one ``run`` writes. A
+    checkpoint whose recipe no longer validates (an older cropbench) keeps the entry's recipe; its
+    differences are in the record's overrides either way."""
+    own = {k: v for k, v in trained.items() if k not in ("eval", "deviations")}
+    try:
+        return from_dict(Recipe, {**own, "eval": recipe.to_dict()["eval"], "deviations": recipe.deviations}, where)
+    except ConfigError:
+        return recipe
+
+
+def check_replaceable(spec: EvalSpec, entry: Entry, evals: tuple[str, ...], seed: int, sha: str) -> None:
+    """Never replace a record of other weights (a ``run`` record, another file): use another --out."""
+    from cropbench.records import Record, read_record, record_path
+
+    for name in evals:
+        path = record_path(Path(spec.out), Record(entry.name, spec.variant, spec.scale, name, seed, {}, {}, 0.0, {}))
+        if path.exists() and read_record(path).weights.get("sha256") != sha:
+            raise CropbenchError(
+                f"--out {spec.out}: {path} holds a record of other weights (a cropbench run or another "
+                "file); cropbench eval would replace it: choose another --out"
+            )
+
+
+def preflight_eval(spec: EvalSpec, entry: Entry, evals: tuple[str, ...], data_root: Path) -> EvalPlan:
+    """``preflight`` for ``cropbench eval``: overrides, every evaluation's settings and datasets,
+    the output folders, and the weights themselves (read and mapped strictly) before any evaluation."""
+    where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
+    check_eval_overrides(spec.overrides)
+    check_writable(spec.out, "--out")
+    check_writable(spec.work_dir, "--work-dir")
+    recipe = entry.recipe(spec.variant, spec.scale, spec.overrides)
+    settings = {name: eval_settings(name, recipe, entry.modality, where) for name in evals}
+    for name, s in settings.items():
+        check_eval_data(s, data_root, spec.scale, f"eval.{name}.dataset")
+    encoder, weights, trained = load_weights(spec, recipe)
+    seed = spec.seed if spec.seed is not None else int((trained or {}).get("train", {}).get("seed", 0))
+    recipe = entry.recipe(spec.variant, spec.scale, deep_merge(spec.overrides, {"train": {"seed": seed}}))
+    base = flatten(entry.recipe(spec.variant, spec.scale, {"train": {"seed": seed}}).to_dict())
+    resolved = flatten(recipe.to_dict())
+    overrides = {k: resolved.get(k) for k in flatten(spec.overrides) if base.get(k) != resolved.get(k)}
+    if trained is not None:
+        overrides.update(checkpoint_overrides(trained, recipe))
+        recipe = trained_recipe(trained, recipe, where)
+    check_replaceable(spec, entry, evals, seed, weights["sha256"])
+    overrides = dict(sorted(overrides.items()))
+    return EvalPlan(
+        recipe, seed, encoder, weights, trained is None, overrides, settings, spec.variant, spec.scale, Path(spec.out)
+    )
+
+
+def evaluate_weights(spec: EvalSpec) -> list[Any]:
+    """Evaluate WEIGHTS under an entry's evaluation protocols; one record per evaluation, written
+    as soon as it exists to the same layout as ``run``'s, carrying the weights' provenance and the
+    resolved protocol."""
+    entry = load_entry(spec.entry)
+    evals = spec.evals or entry.evaluations
+    _check_evals(entry, evals)
+    device, log = resolve_device(spec.device), _log(spec.quiet)
+    data_root = resolve_data_root(RunSpec(spec.entry, scale=spec.scale, data_root=spec.data_root))
+    plan = preflight_eval(spec, entry, evals, data_root)
+    kind = "external" if plan.external else "cropbench"
+    log(f"[{entry.name}/{spec.variant}] {kind} weights {plan.weights['file']} ({plan.weights['format']})")
+    job = _EvalJob(spec, plan.recipe, plan.seed, plan.settings, data_root, device.type)
+    if spec.nproc > 1:  # every process evaluates (fine-tunes train data-parallel); rank 0's numbers
+        results = _launch(spec.nproc, _eval_worker, job)
+        return [_write_eval_record(entry, plan, name, *results[name], device, log) for name in evals]
+    data, encoder = _eval_data(job, DistContext(), device, log), plan.encoder.to(device)
+    return [
+        _write_eval_record(entry, plan, name, *_evaluate_one(name, job, encoder, data), device, log) for name in evals
+    ]
+
+
+def _write_eval_record(
+    entry: Entry,
+    plan: EvalPlan,
+    name: str,
+    metrics: dict[str, float],
+    wall: float,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> Any:
+    from cropbench.records import Record, collect_provenance, protocol_provenance, write_record
+
+    where = f"{entry.path} (variant {plan.variant!r}, scale {plan.scale!r})"
+    prov = {
+        **collect_provenance(plan.recipe.to_dict(), str(device), " ".join(sys.argv)),
+        "overrides": plan.overrides,
+        **protocol_provenance(name, plan.settings[name], method_config(plan.recipe, where)),
+        "weights": plan.weights,
+        "external_weights": plan.external,
+    }
+    rec = Record(entry.name, plan.variant, plan.scale, name, plan.seed, metrics, {}, wall, prov)
+    path = write_record(plan.out, rec)
+    shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+    log(f"[{entry.name}/{plan.variant}] {name}: {shown} ({wall:.1f}s) -> {path}")
+    return rec
+
+
+@dataclass(frozen=True)
+class _EvalJob:
+    """What every process of ``cropbench eval`` needs (picklable for ``--nproc`` workers)."""
+
+    spec: EvalSpec
+    recipe: Recipe
+    seed: int
+    settings: dict[str, Any]
+    data_root: Path
+    device: str
+
+
+def _eval_data(job: _EvalJob, ctx: DistContext, device: torch.device, log: Callable[[str], None]) -> EvalData:
+    cache = Path(job.spec.work_dir) / "cache"
+    return EvalData(job.data_root, device, cache, job.seed, job.recipe.data.num_workers, job.spec.scale, ctx, log)
+
+
+def _evaluate_one(name: str, job: _EvalJob, encoder: torch.nn.Module, data: EvalData) -> tuple[dict[str, float], float]:
+    """One evaluation of the job: (metrics, wall seconds)."""
+    t0 = time.perf_counter()
+    metrics = EVALUATIONS.get(name).evaluate(encoder, job.settings[name], data)
+    return {k: float(v) for k, v in metrics.items()}, time.perf_counter() - t0
+
+
+def _eval_worker(job: _EvalJob) -> dict[str, tuple[dict[str, float], float]]:
+    """One ``cropbench eval --nproc`` process: loads the weights itself, evaluates with
+    ``data.dist`` set (the fine-tuning evaluations train data-parallel; rank 0's numbers are kept)."""
+    from cropbench.weights import load_external_encoder
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(job.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank, world)
+    try:
+        rec = job.recipe
+        encoder, _ = load_external_encoder(job.spec.weights, rec.backbone, rec.backbone_args, job.spec.format)
+        data = _eval_data(job, ctx, device, _log(job.spec.quiet or rank > 0))
+        encoder = encoder.to(device)
+        out = {name: _evaluate_one(name, job, encoder, data) for name in job.settings}
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    shutdown(ctx)
+    return out

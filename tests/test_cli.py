@@ -86,6 +86,16 @@ def test_run_writes_records_with_provenance(run_out: Path) -> None:
     prov = rec["provenance"]
     assert prov["recipe"]["train"]["epochs"] == 1 and prov["recipe_hash"] and prov["versions"]["torch"]
     assert (run_out / "runs" / "micro" / "simclr" / "default" / "seed0" / "checkpoint.pt").exists()
+    # the resolved protocol: the kNN Settings with its defaults (k, T), their hash, the method Config
+    assert (prov["eval_settings"]["k"], prov["eval_settings"]["temperature"]) == (200, 0.1)
+    rand = json.loads((run_out / "records" / "micro/simclr/default+random_init/knn/seed0.json").read_text())
+    assert len(prov["protocol_hash"]) == 16 and rand["provenance"]["protocol_hash"] == prov["protocol_hash"]
+    assert prov["config"]["temperature"] == 0.5 and "weights" not in prov
+
+
+def test_eval_is_a_command() -> None:
+    code, text = invoke("eval", "--help")
+    assert code == 0 and "WEIGHTS" in text and "--format" in text and "--entry" in text
 
 
 def test_leaderboard_is_byte_identical_when_regenerated(run_out: Path, tmp_path: Path) -> None:
