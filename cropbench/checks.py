@@ -3,8 +3,9 @@
 1. Every golden record (``results/golden/``, same layout as records) against the fresh record of the
    same key: each metric, and the deterministic pretraining numbers named in the tolerance file
    (``loss_first``, ``loss_last``). Tolerances come from ``results/golden/tolerances.yaml``.
-2. Each entry's ``references`` against the mean over seeds of the records at that scale, if any.
-3. Each entry's ``claims`` when both sides have records at that scale.
+2. Each entry's ``references`` against the mean over seeds of the records at that scale, if any,
+   one comparison per protocol (resolved evaluation settings; external weights apart from ours).
+3. Each entry's ``claims`` when both sides have records at that scale under the same protocol.
 
 Every comparison is kept (``CheckReport.compared``); one that fails is also a ``Miss``.
 ``CheckReport.table()`` lists every comparison, pass or miss, then what was *not* compared: goldens
@@ -27,6 +28,7 @@ from cropbench.config import from_dict
 from cropbench.errors import ConfigError
 from cropbench.recipe import BENCHMARKS_DIR, Claim, Entry, Reference, list_entries, load_entry
 from cropbench.records import Record, load_records
+from cropbench.reproduction import group_of
 
 TOLERANCES_FILE = "tolerances.yaml"
 
@@ -182,45 +184,69 @@ def _check_goldens(report: CheckReport, goldens: list[Record], fresh: dict, tol:
                 )
 
 
-def _means(records: list[Record]) -> dict[tuple, dict[str, float]]:
-    """(scale, entry, variant, eval) -> metric -> mean over seeds (pass unmodified records only)."""
-    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        for metric, v in r.metrics.items():
-            values[(r.scale, r.entry, r.variant, r.eval)][metric].append(v)
-    return {k: {m: statistics.fmean(v) for m, v in ms.items()} for k, ms in values.items()}
+Means = dict[tuple, dict[tuple[str, str], dict[str, float]]]
 
 
-def _check_reference(report: CheckReport, entry: Entry, ref: Reference, means: dict) -> None:
-    """2. a reported number against the mean of the records at its scale, if there are any."""
-    got = means.get((ref.scale, entry.name, ref.variant, ref.eval))
-    if got is None:
-        return
-    key = f"{ref.scale}/{entry.name}/{ref.variant}/{ref.eval}"
-    _compare(
-        report,
-        key,
-        ref.metric,
-        ref.value,
-        got.get(ref.metric),
-        Tolerance(f"reference {ref.source}", abs=ref.tolerance),
-        f"reference ({ref.source})",
+def _means(records: list[Record]) -> Means:
+    """(scale, entry, variant, eval) -> (protocol hash, weights) -> metric -> mean over seeds (pass
+    unmodified records only). Records of different evaluation protocols, or of external weights and
+    ours, are never averaged together (``cropbench.reproduction.group_of``)."""
+    values: dict[tuple, dict[tuple[str, str], dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
     )
+    for r in records:
+        g = group_of(r)
+        for metric, v in r.metrics.items():
+            values[(r.scale, r.entry, r.variant, r.eval)][(g.protocol, g.weights)][metric].append(v)
+    return {
+        k: {pg: {m: statistics.fmean(v) for m, v in ms.items()} for pg, ms in gs.items()} for k, gs in values.items()
+    }
 
 
-def _check_claim(report: CheckReport, entry: Entry, claim: Claim, means: dict) -> None:
-    """3. 'variant beats baseline by >= min_delta' when both sides have records at its scale."""
+def _label(key: str, pg: tuple[str, str], groups: int) -> str:
+    """``key``, plus the protocol when several share it, plus the weights when external."""
+    protocol, weights = pg
+    suffix = f" #{protocol}" if groups > 1 else ""
+    return key + suffix + ("" if weights == "ours" else f" [{weights}]")
+
+
+def _check_reference(report: CheckReport, entry: Entry, ref: Reference, means: Means) -> None:
+    """2. a reported number against the mean of the records at its scale, per protocol, if any."""
+    groups = means.get((ref.scale, entry.name, ref.variant, ref.eval), {})
+    key = f"{ref.scale}/{entry.name}/{ref.variant}/{ref.eval}"
+    for pg in sorted(groups):
+        _compare(
+            report,
+            _label(key, pg, len(groups)),
+            ref.metric,
+            ref.value,
+            groups[pg].get(ref.metric),
+            Tolerance(f"reference {ref.source}", abs=ref.tolerance),
+            f"reference ({ref.source})",
+        )
+
+
+def _check_claim(report: CheckReport, entry: Entry, claim: Claim, means: Means) -> None:
+    """3. 'variant beats baseline by >= min_delta' when both sides have records at its scale under
+    the same protocol (each shared protocol is one comparison)."""
     base_entry, _, base_variant = claim.baseline.partition("/")
-    ours = means.get((claim.scale, entry.name, claim.variant, claim.eval), {}).get(claim.metric)
-    base = means.get((claim.scale, base_entry, base_variant or "default", claim.eval), {}).get(claim.metric)
-    if ours is None or base is None:
-        return
-    delta = ours - base
-    ok = delta >= claim.min_delta
+    ours = means.get((claim.scale, entry.name, claim.variant, claim.eval), {})
+    base = means.get((claim.scale, base_entry, base_variant or "default", claim.eval), {})
+    kind = lambda pg: (pg[0], pg[1] == "ours")  # released weights on both sides differ by file
+    pairs = [
+        (pa, pb)
+        for pa in sorted(p for p in ours if claim.metric in ours[p])
+        for pb in sorted(p for p in base if claim.metric in base[p])
+        if kind(pa) == kind(pb)
+    ]
     key = f"{claim.scale}/{entry.name}/{claim.variant}/{claim.eval}"
-    sign = ">=" if ok else "<"
-    why = f"claim: {claim.text} (Δ {delta:+.2f} vs {claim.baseline} {sign} {claim.min_delta:+.2f})"
-    _add(report, Miss(key, claim.metric, base + claim.min_delta, ours, None, why), ok)
+    for pg, pb in pairs:
+        a, b = ours[pg][claim.metric], base[pb][claim.metric]
+        delta = a - b
+        ok = delta >= claim.min_delta
+        sign = ">=" if ok else "<"
+        why = f"claim: {claim.text} (Δ {delta:+.2f} vs {claim.baseline} {sign} {claim.min_delta:+.2f})"
+        _add(report, Miss(_label(key, pg, len(pairs)), claim.metric, b + claim.min_delta, a, None, why), ok)
 
 
 def check(

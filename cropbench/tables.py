@@ -6,7 +6,8 @@ throughput and the number of seeds. Rows whose recipe has ``deviations`` carry a
 a footnote listing them; rows of *modified* records (run with ``--set`` overrides, so not the entry's
 recipe) are labelled ``(modified)`` and their footnote lists the overrides first. The output is a
 pure function of the records (sorted, fixed formats, no timestamps), so regenerating it gives
-identical bytes.
+identical bytes. ``leaderboard(..., view=...)`` adds the reproduction view (``cropbench.reproduction``:
+paper vs ours per entry, and the claims), after the results by default.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import io
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,22 +65,55 @@ class _Row:
     seeds: set[int]
     deviations: dict[str, str]
     overrides: dict[str, str] = field(default_factory=dict)  # key path -> value, any seed's
+    weights: str = "ours"  # or "external:<file>@<sha8>" (records of cropbench eval on other weights)
+    protocol_index: int = 0  # > 0: a second (third, ...) protocol of one of its evaluations
+    protocols: dict[str, str] = field(default_factory=dict)  # eval -> protocol hash, where several
 
     @property
     def label(self) -> str:
-        return f"{self.entry}/{self.variant}"
+        ext = "" if self.weights == "ours" else f" ({self.weights})"
+        alt = f" (protocol {self.protocol_index + 1})" if self.protocol_index else ""
+        return f"{self.entry}/{self.variant}{ext}{alt}"
 
     def notes(self) -> str:
-        """Footnote text: the ``--set`` overrides (if any), then the recipe's deviations."""
+        """Footnote text: the ``--set`` overrides (if any), the protocols of evaluations run under
+        several (if any), then the recipe's deviations."""
         parts = [f"modified by --set {', '.join(f'{k}={v}' for k, v in sorted(self.overrides.items()))}"]
         parts = parts if self.overrides else []
+        if self.protocols:
+            parts.append("protocol " + ", ".join(f"{e}#{h}" for e, h in sorted(self.protocols.items())))
         return "; ".join(parts + [f"{k}: {v}" for k, v in sorted(self.deviations.items())])
 
 
+def _row_key(records: list[Record]) -> Callable[[Record], tuple]:
+    """Record -> its row: entry, variant, weights (ours first), overrides, and the index of its
+    protocol among those its entry/variant/weights/evaluation was run under; records of different
+    protocols never share a cell (``cropbench.reproduction.group_of``)."""
+    from cropbench.reproduction import group_of
+
+    protos: dict[tuple, set[str]] = defaultdict(set)
+    for r in records:
+        g = group_of(r)
+        protos[(r.entry, r.variant, g.weights, g.overrides, r.eval)].add(g.protocol)
+
+    def key(r: Record) -> tuple:
+        g = group_of(r)
+        ps = sorted(protos[(r.entry, r.variant, g.weights, g.overrides, r.eval)])
+        return (r.entry, r.variant, g.weights != "ours", g.weights, g.overrides, ps.index(g.protocol), len(ps) > 1)
+
+    return key
+
+
 def _rows(records: Iterable[Record]) -> list[_Row]:
-    rows: dict[tuple[str, str], _Row] = {}
-    for rec in sorted(records, key=lambda r: r.key):
-        row = rows.setdefault((rec.entry, rec.variant), _Row(rec.entry, rec.variant, defaultdict(list), {}, set(), {}))
+    records = sorted(records, key=lambda r: r.key)
+    row_key = _row_key(records)
+    rows: dict[tuple, _Row] = {}
+    for rec in records:
+        key = row_key(rec)
+        entry, variant, _, weights, _, index, several = key
+        row = rows.setdefault(
+            key[:-1], _Row(entry, variant, defaultdict(list), {}, set(), {}, weights=weights, protocol_index=index)
+        )
         for metric, value in sorted(rec.metrics.items()):
             row.values[(rec.eval, metric)].append(float(value))
         if "images_per_s" in rec.pretrain:
@@ -87,6 +121,10 @@ def _rows(records: Iterable[Record]) -> list[_Row]:
         row.seeds.add(rec.seed)
         row.deviations.update(rec.deviations)
         row.overrides.update({k: str(v) for k, v in rec.overrides.items()})
+        if several:
+            from cropbench.reproduction import protocol_hash
+
+            row.protocols[rec.eval] = protocol_hash(rec)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -118,16 +156,16 @@ class _Table:
     notes: list[str]  # deviation footnotes, "[n] entry/variant: key: why; ..."
 
 
-def _footnotes(rows: list[_Row]) -> tuple[dict[str, int], list[str]]:
+def _footnotes(rows: list[_Row]) -> tuple[dict[int, int], list[str]]:
     """Number each distinct deviation list (rows that share one, e.g. a variant and its random-init
-    baseline, share the number): -> (row label -> number, footnote lines)."""
-    numbers: dict[str, int] = {}
+    baseline, share the number): -> (id(row) -> number, footnote lines)."""
+    numbers: dict[int, int] = {}  # id(row) -> footnote number (two rows may share a label)
     texts: dict[str, list[str]] = {}  # deviation text -> labels, in row order
     for r in rows:
-        if r.deviations or r.overrides:
+        if r.deviations or r.overrides or r.protocols:
             text = r.notes()
             texts.setdefault(text, []).append(r.label)
-            numbers[r.label] = list(texts).index(text) + 1
+            numbers[id(r)] = list(texts).index(text) + 1
     notes = [f"[{i}] {', '.join(who)}: {text}" for i, (text, who) in enumerate(texts.items(), 1)]
     return numbers, notes
 
@@ -147,7 +185,7 @@ def _table(scale: str, group: str, records: list[Record]) -> _Table:
     body = []
     for r in rows:
         label = f"{r.label} (modified)" if r.overrides else r.label
-        label = f"{label} [{numbers[r.label]}]" if r.label in numbers else label
+        label = f"{label} [{numbers[id(r)]}]" if id(r) in numbers else label
         cells = [_cell(r.values[c]) if c in r.values else "–" for c in cols]
         tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else "–"
         body.append([label, *cells, tput, str(len(r.seeds))])
@@ -205,6 +243,8 @@ def _csv(records: list[Record]) -> str:
             "seeds",
             "deviations",
             "modified_by",
+            "weights",
+            "protocols",
         ]
     )
     for (scale, group), recs in groups.items():
@@ -214,15 +254,13 @@ def _csv(records: list[Record]) -> str:
             tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else ""
             devs = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
             mods = "; ".join(f"{k}={v}" for k, v in sorted(r.overrides.items()))
-            w.writerow([scale, group, r.entry, r.variant, *vals, tput, len(r.seeds), devs, mods])
+            protos = "; ".join(f"{e}#{h}" for e, h in sorted(r.protocols.items()))
+            row = [scale, group, r.entry, r.variant, *vals, tput, len(r.seeds), devs, mods, r.weights, protos]
+            w.writerow(row)
     return out.getvalue()
 
 
-def leaderboard(records: Iterable[Record], fmt: str = "md") -> str:
-    """All records as tables in ``fmt`` (md, csv, latex, html); same records -> same bytes."""
-    if fmt not in FORMATS:
-        raise CropbenchError(f"leaderboard format {fmt!r} is not one of {', '.join(FORMATS)}")
-    records = sorted(records, key=lambda r: r.key)
+def _results(records: list[Record], fmt: str) -> str:
     if fmt == "csv":
         return _csv(records)
     if not records:
@@ -230,9 +268,68 @@ def leaderboard(records: Iterable[Record], fmt: str = "md") -> str:
     return "\n".join(_render(_table(s, g, recs), fmt) for (s, g), recs in _groups(records).items())
 
 
-def write_leaderboard(records: Iterable[Record], path: Path, fmt: str = "md") -> Path:
-    """Write ``leaderboard(records, fmt)`` to ``path`` atomically."""
-    return atomic_write_text(Path(path), leaderboard(records, fmt))
+REPRODUCTION_NOTE = (
+    "ours: mean ± 95% t-interval over seeds (n); Δ = ours − paper; verdict against the reference's "
+    "tolerance; protocol: scale/eval#hash of the resolved evaluation settings, external:<file> for "
+    "weights not pretrained here; only records of one protocol share a cell"
+)
+
+
+def _reproduction(records: list[Record], fmt: str, entries_root: Path | None) -> str:
+    """The reproduction view (cropbench.reproduction): per entry, paper vs ours, and its claims."""
+    from cropbench.reproduction import reproduction_tables
+
+    tables = reproduction_tables(records, *([entries_root] if entries_root is not None else []))
+    if fmt == "csv":
+        return _reproduction_csv(tables)
+    title = "# Reproduction: the papers' numbers beside ours"
+    head = {"md": f"{title}\n\n{REPRODUCTION_NOTE}\n", "latex": "", "html": ""}[fmt]
+    head = head or _render(_Table(title.removeprefix("# "), [], [], [REPRODUCTION_NOTE]), fmt)
+    return head + "".join("\n" + _render(_Table(t, h, b, []), fmt) for t, h, b in tables)
+
+
+def _reproduction_csv(tables: list[tuple[str, list[str], list[list[str]]]]) -> str:
+    """One CSV for every reproduction and claims table: ``table``, ``entry``, then each column."""
+    cols: list[str] = []
+    for _, headers, _ in tables:
+        cols += [h for h in headers if h not in cols]
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["table", "entry", *cols])
+    for title, headers, body in tables:
+        kind, _, entry = title.partition(" · ")
+        for row in body:
+            cell = dict(zip(headers, row, strict=True))
+            w.writerow([kind, entry, *(cell.get(c, "") for c in cols)])
+    return out.getvalue()
+
+
+VIEWS = ("all", "results", "reproduction")
+
+
+def leaderboard(records: Iterable[Record], fmt: str = "md", view: str = "all", entries_root: Path | None = None) -> str:
+    """Records as tables in ``fmt`` (md, csv, latex, html); same records -> same bytes.
+
+    ``view``: ``results`` (one table per scale and modality), ``reproduction`` (paper vs ours per
+    entry, and claims; entries from ``entries_root``, default ``benchmarks/``) or ``all`` (both;
+    for CSV, which holds one table, ``all`` is ``results``)."""
+    if fmt not in FORMATS:
+        raise CropbenchError(f"leaderboard format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if view not in VIEWS:
+        raise CropbenchError(f"leaderboard view {view!r} is not one of {', '.join(VIEWS)}")
+    records = sorted(records, key=lambda r: r.key)
+    if view == "reproduction":
+        return _reproduction(records, fmt, entries_root)
+    if view == "results" or fmt == "csv":
+        return _results(records, fmt)
+    return _results(records, fmt) + "\n" + _reproduction(records, fmt, entries_root)
+
+
+def write_leaderboard(
+    records: Iterable[Record], path: Path, fmt: str = "md", view: str = "all", entries_root: Path | None = None
+) -> Path:
+    """Write ``leaderboard(records, fmt, view)`` to ``path`` atomically."""
+    return atomic_write_text(Path(path), leaderboard(records, fmt, view, entries_root))
 
 
 def run_table(records: Iterable[Record]) -> str:

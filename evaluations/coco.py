@@ -5,17 +5,17 @@ configs): fine-tune all layers with SyncBN in backbone and FPN, 90k iterations a
 0.02, ×0.1 at 60k / 80k, 1000 warmup iterations, multi-scale 640-800 train, 800 / 1333 test;
 ``COCOeval`` bbox and segm on val2017. Reported in percent as the papers do.
 
-Backends: torchvision (default) or detectron2 when it is importable and the encoder is a ResNet-50
-(``backend: auto``). The detectron2 branch is not exercised here (it is not installable from PyPI).
+Backends (``backend``): ``torchvision`` (this module and ``detection.py``) or ``detectron2``
+(``detectron2_backend.py``: the papers' own framework, installed from the vendored source); ``auto``
+picks detectron2 on real datasets when it is installed, torchvision otherwise and at micro.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import tempfile
+import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.coco import CocoInstances, load_coco
 from cropbench.errors import CropbenchError
+from cropbench.evaluations import detectron2_backend as d2
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.detection import (
     DetectionSettings,
@@ -37,6 +38,7 @@ from cropbench.evaluations.detection import (
 )
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
+_RUNS = itertools.count()  # a fresh detectron2 dataset name per evaluation in this process
 METRICS = tuple(f"{t}_{m}" for t in ("bbox", "segm") for m in STAT_NAMES)
 
 # Paper scale: detectron2 Base-RCNN-FPN + coco_R_50_FPN_1x (mmselfsup configs/benchmarks/detectron2)
@@ -78,7 +80,12 @@ class CocoSettings(DetectionSettings):
     test_split: str = "val"
     arch: Literal["fpn", "c4"] = "fpn"
     masks: bool = True
+    # detectron2 (the papers' framework) or torchvision (the same detector in torchvision); ``auto``
+    # resolves on validation: detectron2 on real data when installed, torchvision otherwise / at micro
     backend: Literal["auto", "torchvision", "detectron2"] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", d2.resolve_backend(self.backend, self.dataset, "eval.coco.backend"))
 
 
 def _rle(mask: Tensor) -> dict:
@@ -141,22 +148,12 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: tuple[str, ...]
     return metrics
 
 
-def _detectron2_available() -> bool:
-    try:
-        import detectron2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @register_evaluation("coco", CocoSettings, metrics=METRICS)
 def evaluate(encoder: nn.Module, settings: CocoSettings, data: EvalData) -> dict[str, float]:
     """Mask R-CNN FPN fine-tune on COCO train, COCOeval bbox + segm AP on val (percent)."""
     s = settings
-    use_d2 = s.backend == "detectron2" or (
-        s.backend == "auto" and _detectron2_available() and getattr(encoder, "arch", "") == "resnet50"
-    )
-    if use_d2:
+    if s.backend == "detectron2":
+        d2.ensure_installed()
         return _evaluate_detectron2(encoder, s, data)
     train = build_dataset(s.dataset, s.train_split, data.root, data.scale, "eval.coco.dataset", masks=s.masks)
     test = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.coco.dataset", masks=False)
@@ -177,63 +174,24 @@ def finetune_and_test(
     return coco_evaluate(test.coco, results, iou_types)
 
 
-# detectron2 overrides of coco_R_50_FPN_1x_moco (mmselfsup benchmarks): SyncBN in backbone and FPN,
-# no frozen stage, torchvision-style bottlenecks and RGB input with torchvision's mean / std
-_D2_MOCO = {
-    "MODEL.RESNETS.NORM": "SyncBN",
-    "MODEL.FPN.NORM": "SyncBN",
-    "MODEL.BACKBONE.FREEZE_AT": 0,
-    "MODEL.RESNETS.STRIDE_IN_1X1": False,
-    "INPUT.FORMAT": "RGB",
-    "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530],
-    "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
-    "TEST.PRECISE_BN.ENABLED": True,
-}
-
-
 def _evaluate_detectron2(encoder: nn.Module, s: CocoSettings, data: EvalData) -> dict[str, float]:
-    """detectron2 ``mask_rcnn_R_50_FPN_1x`` with the MoCo overrides, on the exported backbone.
-    Not exercised in this repository's tests: detectron2 is not installable from PyPI."""
-    try:
-        from detectron2 import model_zoo
-        from detectron2.config import get_cfg
-        from detectron2.data.datasets import register_coco_instances
-        from detectron2.engine import DefaultTrainer
-        from detectron2.evaluation import COCOEvaluator
-    except ImportError as e:
-        raise CropbenchError(f"backend 'detectron2' requested but detectron2 is not importable: {e}") from e
-    from cropbench.export import save_detectron2
+    """detectron2 ``mask_rcnn_R_50_FPN_1x`` with the MoCo overrides (``detectron2_backend``) on our
+    exported backbone; detectron2's ``COCOEvaluator`` on the test split."""
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.evaluation import COCOEvaluator
 
     folder = dataset_folder(s.dataset, data.root, data.scale, "eval.coco.dataset")
-    out = Path(tempfile.mkdtemp(prefix="cropbench-d2-"))
+    tag = next(_RUNS)
     names = {}
     for split in (s.train_split, s.test_split):
-        names[split] = f"cropbench_{split}_{out.name}"
+        names[split] = f"cropbench_coco_{split}_{tag}"
         ann = folder / "annotations" / f"instances_{split}2017.json"
         register_coco_instances(names[split], {}, str(ann), str(folder / f"{split}2017"))
-    run = {
-        "MODEL.WEIGHTS": str(save_detectron2(encoder.state_dict(), out / "backbone.pkl")),
-        "MODEL.ROI_HEADS.NUM_CLASSES": len(
-            load_coco(folder / "annotations" / f"instances_{s.train_split}2017.json").getCatIds()
-        ),
-        "MODEL.DEVICE": data.device.type,
-        "SOLVER.MAX_ITER": s.iterations,
-        "SOLVER.STEPS": tuple(s.steps),
-        "SOLVER.BASE_LR": s.lr,
-        "SOLVER.IMS_PER_BATCH": s.batch_size,
-        "SOLVER.WARMUP_ITERS": s.warmup_iters,
-        "INPUT.MIN_SIZE_TRAIN": tuple(s.train_min_sizes),
-        "INPUT.MIN_SIZE_TEST": s.test_min_size,
-        "DATASETS.TRAIN": (names[s.train_split],),
-        "DATASETS.TEST": (names[s.test_split],),
-        "SEED": data.seed,
-        "OUTPUT_DIR": str(out),
-    }
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
-    cfg.merge_from_list([x for kv in {**_D2_MOCO, **run}.items() for x in kv])
-    trainer = DefaultTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    res = DefaultTrainer.test(cfg, trainer.model, COCOEvaluator(names[s.test_split], output_dir=str(out)))
-    return {f"{t}_{m}": float(res[t][m]) for t in ("bbox", "segm") for m in STAT_NAMES}
+    gt = load_coco(folder / "annotations" / f"instances_{s.train_split}2017.json")
+    cfg = d2.build_cfg(encoder, s, len(gt.getCatIds()), data.device, data.dist.enabled)
+    if any(isinstance(a.get("segmentation"), dict) for a in gt.dataset["annotations"]):
+        cfg.INPUT.MASK_FORMAT = "bitmask"  # RLE masks (polygons are detectron2's default)
+    tasks = ("bbox", "segm") if s.masks else ("bbox",)
+    evaluator = lambda out: COCOEvaluator(names[s.test_split], tasks=tasks, output_dir=str(out))
+    res = d2.train_and_test(encoder, s, cfg, [names[s.train_split]], names[s.test_split], data, evaluator)
+    return {f"{t}_{m}": float(res[t][m]) for t in tasks for m in STAT_NAMES}

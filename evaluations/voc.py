@@ -9,6 +9,7 @@ ignored, 11-point for VOC2007) at IoU 0.50:0.95, reported as AP (mean), AP50 and
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cropbench.data import build_dataset
-from cropbench.data.voc import VocDetection, VocRecord
+from cropbench.data import build_dataset, dataset_folder
+from cropbench.data.voc import VOC_SPLITS, VocDetection, VocRecord
 from cropbench.errors import CropbenchError
+from cropbench.evaluations import detectron2_backend as d2
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.detection import (
     DetectionSettings,
@@ -64,6 +66,12 @@ class VocSettings(DetectionSettings):
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # all on the single C4 map
     roi_batch_per_image: int = 32  # every RoI runs res5 in C4: the micro budget's largest cost
     use_07_metric: bool = True  # VOC2007 test: the devkit's 11-point AP (detectron2 does the same)
+    # detectron2 (the papers' framework) or torchvision; ``auto`` resolves on validation: detectron2
+    # on real data when installed, torchvision otherwise and at micro (see coco.CocoSettings)
+    backend: Literal["auto", "torchvision", "detectron2"] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", d2.resolve_backend(self.backend, self.dataset, "eval.voc.backend"))
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
@@ -161,6 +169,9 @@ def _detections(index: int, out: dict[str, Tensor]) -> list[tuple[int, int, floa
 def evaluate(encoder: nn.Module, settings: VocSettings, data: EvalData) -> dict[str, float]:
     """Faster R-CNN C4 fine-tune on VOC07+12 trainval; AP / AP50 / AP75 on VOC07 test (%)."""
     s = settings
+    if s.backend == "detectron2":
+        d2.ensure_installed()
+        return _evaluate_detectron2(s, encoder, data)
     train: VocDetection = build_dataset(s.dataset, s.train_split, data.root, data.scale, "eval.voc.dataset")
     test: VocDetection = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.voc.dataset")
     return finetune_and_test(encoder, s, data, train, test)
@@ -177,3 +188,29 @@ def finetune_and_test(
         dets = predict(model, test, s, data, _detections)
     data.log(f"[voc] {len(dets)} detections on {len(test)} {s.test_split} images")
     return voc_metrics(test.records, dets, test.classes, s.use_07_metric)
+
+
+_RUNS = itertools.count()  # a fresh detectron2 dataset name per evaluation in this process
+
+
+def _evaluate_detectron2(s: VocSettings, encoder: nn.Module, data: EvalData) -> dict[str, float]:
+    """detectron2 ``faster_rcnn_R_50_C4`` with MoCo's ``Res5ROIHeadsExtraNorm`` and overrides
+    (``detectron2_backend``); detectron2's ``PascalVOCDetectionEvaluator`` (the devkit AP; 11-point
+    for VOC2007) on the test split, reported as AP / AP50 / AP75 as the torchvision path."""
+    from detectron2.data.datasets import register_pascal_voc
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+    test: VocDetection = build_dataset(s.dataset, s.test_split, data.root, data.scale, "eval.voc.dataset")
+    devkit = dataset_folder(s.dataset, data.root, data.scale, "eval.voc.dataset") / "VOCdevkit"
+    tag, names = next(_RUNS), {}
+    for split in (s.train_split, s.test_split):
+        for year, image_set in VOC_SPLITS[split]:
+            name = f"cropbench_voc{year}_{image_set}_{tag}"
+            register_pascal_voc(name, str(devkit / f"VOC{year}"), image_set, int(year), list(test.classes))
+            names.setdefault(split, []).append(name)
+    if len(names[s.test_split]) != 1:
+        raise CropbenchError(f"eval.voc.test_split: {s.test_split!r} spans several years; test one VOC year")
+    cfg = d2.build_cfg(encoder, s, test.num_classes, data.device, data.dist.enabled)
+    evaluator = lambda out: PascalVOCDetectionEvaluator(names[s.test_split][0])
+    res = d2.train_and_test(encoder, s, cfg, names[s.train_split], names[s.test_split][0], data, evaluator)
+    return {k: float(res["bbox"][k]) for k in ("AP", "AP50", "AP75")}

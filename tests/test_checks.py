@@ -243,3 +243,37 @@ def test_modified_records_meet_no_reference_claim_or_other_golden(roots: tuple[P
     write_record(records, rec(scale="paper", top1=66.0))  # the unmodified run is compared, and misses
     [miss] = check(records, golden, entries, scale="paper").misses
     assert (miss.key, miss.expected, miss.got) == ("paper/simclr/default/knn", 69.1, 66.0)
+
+
+def test_references_and_claims_are_checked_per_protocol(roots: tuple[Path, Path, Path]) -> None:
+    """Records of different evaluation protocols (``provenance.protocol_hash``), and external
+    weights (``provenance.external_weights``), are never averaged together: one comparison each."""
+    records, golden, entries = roots
+    ref = {"eval": "linear", "metric": "top1", "value": 67.5, "source": "moco README", "scale": "small"}
+    claim = {"text": "big beats simclr", "eval": "linear", "metric": "top1", "baseline": "simclr"}
+    write_entry(entries, "simclr", references=[ref], claims=[{**claim, "variant": "big", "scale": "small"}])
+
+    def put(variant: str, seed: int, top1: float, **prov: object) -> None:
+        write_record(
+            records, replace(rec(variant=variant, scale="small", ev="linear", seed=seed, top1=top1), provenance=prov)
+        )
+
+    put("default", 0, 67.0, protocol_hash="aaaa1111bbbb2222")
+    put("default", 1, 60.0, protocol_hash="cccc3333dddd4444")  # averaged with the first: 63.5, a miss
+    put(
+        "default",
+        2,
+        67.9,
+        protocol_hash="aaaa1111bbbb2222",
+        weights={"file": "r.pth", "sha256": "ee" * 32},
+        external_weights=True,
+    )
+    put("big", 0, 69.0, protocol_hash="aaaa1111bbbb2222")
+    report = check(records, golden, entries, scale="small")
+    got = sorted((m.key, m.got, ok) for m, ok in report.compared)
+    assert got == [
+        ("small/simclr/big/linear", 69.0, True),  # the claim: the one protocol both sides share
+        ("small/simclr/default/linear #aaaa1111", 67.0, True),
+        ("small/simclr/default/linear #aaaa1111 [external:r.pth@eeeeeeee]", 67.9, True),
+        ("small/simclr/default/linear #cccc3333", 60.0, False),
+    ]

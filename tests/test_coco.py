@@ -243,6 +243,7 @@ def test_detector_shapes():
 def test_evaluate_end_to_end_on_real_layout(coco_root):
     s = CocoSettings(
         dataset="coco",
+        backend="torchvision",  # real data: auto would pick detectron2 where it is installed
         iterations=3,
         batch_size=2,
         train_min_sizes=(64,),

@@ -270,3 +270,42 @@ def test_load_records_of_a_missing_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CropbenchError, match="is not a folder"):
         load_records(tmp_path / "file")
     assert load_records(tmp_path) == []  # an existing empty folder holds no records
+
+
+def test_results_rows_never_mix_protocols_weights_or_overrides() -> None:
+    """Same entry/variant/eval: records of another protocol hash, of external weights, or with
+    ``--set`` overrides each get their own row; plain seeds of one protocol share one."""
+    base = [rec(seed=s, top1=v) for s, v in ((0, 60.0), (1, 62.0))]
+    for r in base:
+        r.provenance["protocol_hash"] = "aaaa1111aaaa1111"
+    other = replace(rec(seed=2, top1=40.0), provenance={"recipe": {}, "protocol_hash": "bbbb2222bbbb2222"})
+    ext = replace(
+        rec(seed=3, top1=70.0),
+        provenance={
+            "recipe": {},
+            "protocol_hash": "aaaa1111aaaa1111",
+            "weights": {"file": "released.pth", "sha256": "abcdef0123456789"},
+            "external_weights": True,
+        },
+    )
+    mod = replace(
+        rec(seed=4, top1=10.0),
+        provenance={"recipe": {}, "protocol_hash": "aaaa1111aaaa1111", "overrides": {"train.epochs": 1}},
+    )
+    md = leaderboard([*base, other, ext, mod], "md", "results")
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in md.splitlines() if ln.startswith("| simclr")}
+    assert rows == {
+        "simclr/default [1]": "61.00 ± 1.41",
+        "simclr/default (protocol 2) [2]": "40.00",
+        "simclr/default (modified) [3]": "10.00",
+        "simclr/default (external:released.pth@abcdef01)": "70.00",
+    }
+    assert "- [1] simclr/default: protocol knn#aaaa1111\n" in md
+    assert "- [2] simclr/default (protocol 2): protocol knn#bbbb2222\n" in md
+    csv_rows = list(csv.DictReader(io.StringIO(leaderboard([*base, other, ext, mod], "csv"))))
+    assert sorted((r["weights"], r["protocols"], r["knn/top1"]) for r in csv_rows) == [
+        ("external:released.pth@abcdef01", "", "70.0000"),
+        ("ours", "", "10.0000"),
+        ("ours", "knn#aaaa1111", "61.0000"),
+        ("ours", "knn#bbbb2222", "40.0000"),
+    ]
