@@ -38,9 +38,7 @@ def view_statistics(views: list[View]) -> dict[str, float]:
     if len(views) >= 2:
         v1 = views[1].prov
         per_pair["iou"] = box_iou(v0.boxes.float(), v1.boxes.float())
-        per_pair["centre_dist"] = centre_distance(
-            v0.boxes.float(), v1.boxes.float(), v0.source_size
-        )
+        per_pair["centre_dist"] = centre_distance(v0.boxes.float(), v1.boxes.float(), v0.source_size)
     canvas_area = v0.source_size[0] * v0.source_size[1]
     for k, v in enumerate(views):
         b = v.prov.boxes.float()
@@ -51,9 +49,7 @@ def view_statistics(views: list[View]) -> dict[str, float]:
             view_area = v.prov.output_size[0] * v.prov.output_size[1]
             per_pair["region_area"] = (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) / view_area
         if "mask" in extra:
-            per_pair[f"segments_v{k + 1}"] = torch.tensor(
-                [float(m.unique().numel()) for m in extra["mask"]]
-            )
+            per_pair[f"segments_v{k + 1}"] = torch.tensor([float(m.unique().numel()) for m in extra["mask"]])
     for name, values in per_pair.items():
         stats[f"{name}_mean"] = float(values.mean())
     for i in range(len(views[0].tensor)):
@@ -96,9 +92,7 @@ def draw_views(images: Tensor, views: list[View], names: list[str], out_png: Pat
     import matplotlib.pyplot as plt
 
     n = images.shape[0]
-    fig, axes = plt.subplots(
-        n, 1 + len(views), figsize=(2.2 * (1 + len(views)), 2.2 * n), squeeze=False
-    )
+    fig, axes = plt.subplots(n, 1 + len(views), figsize=(2.2 * (1 + len(views)), 2.2 * n), squeeze=False)
     for i in range(n):
         ax = axes[i, 0]
         ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -159,14 +153,10 @@ def render_views(
     entry = load_entry(entry_name)
     recipe = entry.recipe(variant, "micro")
     data = recipe.data  # cache=False: decode only the n_images shown, not the whole split
-    dataset = build_dataset(
-        data.dataset, data.train_split, data_root, image_size=data.image_size, cache=False
-    )
+    dataset = build_dataset(data.dataset, data.train_split, data_root, image_size=data.image_size, cache=False)
     if n_images < 1 or n_images > len(dataset):
         raise ValueError(f"--n-images must be between 1 and {len(dataset)}, got {n_images}")
-    method = build_method(
-        recipe, MethodContext(batch_size=n_images), f"{entry.path} (variant {variant!r})"
-    )
+    method = build_method(recipe, MethodContext(batch_size=n_images), f"{entry.path} (variant {variant!r})")
     # spread over the split: class-sorted layouts (ImageFolder, UCF101) then show different classes
     subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n_images for i in range(n_images)])
     with tempfile.TemporaryDirectory() as tmp:

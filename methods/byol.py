@@ -50,8 +50,7 @@ class BYOL(SSLMethod):
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
         self.view_configs = [
-            replace(cfg.views, blur_p=b, solarize_p=s)
-            for b, s in zip(cfg.blur_p, cfg.solarize_p, strict=True)
+            replace(cfg.views, blur_p=b, solarize_p=s) for b, s in zip(cfg.blur_p, cfg.solarize_p, strict=True)
         ]
 
     def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:

@@ -37,8 +37,7 @@ class MLPHead(nn.Module):
         for i, b in enumerate(blocks):
             if i and b.in_dim != blocks[i - 1].out_dim:
                 raise ValueError(
-                    f"MLPHead: block {i} takes {b.in_dim} features, "
-                    f"block {i - 1} gives {blocks[i - 1].out_dim}"
+                    f"MLPHead: block {i} takes {b.in_dim} features, block {i - 1} gives {blocks[i - 1].out_dim}"
                 )
             layers.append(nn.Linear(b.in_dim, b.out_dim, bias=b.bias))
             if b.norm != "none":
@@ -61,10 +60,7 @@ def mlp(
     """dims = [in, hidden..., out]: hidden layers Linear-norm-ReLU, last layer Linear(-norm)."""
     if len(dims) < 2:
         raise ValueError(f"mlp: expected at least [in_dim, out_dim], got {list(dims)}")
-    blocks = [
-        Block(a, b, hidden_norm, True, hidden_bias)
-        for a, b in zip(dims[:-2], dims[1:-1], strict=True)
-    ]
+    blocks = [Block(a, b, hidden_norm, True, hidden_bias) for a, b in zip(dims[:-2], dims[1:-1], strict=True)]
     blocks.append(Block(dims[-2], dims[-1], last_norm, False, last_norm == "none"))
     return MLPHead(blocks)
 
@@ -72,9 +68,7 @@ def mlp(
 def simclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:
     """SimCLR g(·): Linear-BN-ReLU-Linear-BN, 128-d output (official TF head: every layer has BN;
     its last BN scales without shifting, ours neither scales nor shifts)."""
-    return mlp(
-        [in_dim, hidden_dim, out_dim], hidden_norm="bn", last_norm="bn_noaffine", hidden_bias=False
-    )
+    return mlp([in_dim, hidden_dim, out_dim], hidden_norm="bn", last_norm="bn_noaffine", hidden_bias=False)
 
 
 def mocov2_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:
@@ -89,9 +83,7 @@ def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> MLPHead
 
 def simsiam_projector(in_dim: int, dim: int = 2048) -> MLPHead:
     """SimSiam projector: 3 × Linear(no bias)-BN, ReLU after the first two, last BN no affine."""
-    return mlp(
-        [in_dim, dim, dim, dim], hidden_norm="bn", last_norm="bn_noaffine", hidden_bias=False
-    )
+    return mlp([in_dim, dim, dim, dim], hidden_norm="bn", last_norm="bn_noaffine", hidden_bias=False)
 
 
 def simsiam_predictor(dim: int = 2048, pred_dim: int = 512) -> MLPHead:

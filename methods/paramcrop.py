@@ -74,9 +74,7 @@ class CubeGenerator(nn.Module):
     def __init__(self, noise_dim: int, hidden: int, views: int = 2):
         super().__init__()
         self.noise_dim, self.views = noise_dim, views
-        self.net = nn.Sequential(
-            nn.Linear(noise_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 6 * views)
-        )
+        self.net = nn.Sequential(nn.Linear(noise_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 6 * views))
 
     def forward(self, noise: Tensor) -> Tensor:
         return torch.sigmoid(self.net(noise)).view(noise.shape[0], self.views, 6)
@@ -111,21 +109,15 @@ class ParamCropViews:
         source = video.float() / 255
         views = []
         for v in range(2):
-            boxes, times = params_to_cubes(
-                params[:, v], cfg.spatial_scale, cfg.temporal_scale, window, (h, w)
-            )
+            boxes, times = params_to_cubes(params[:, v], cfg.spatial_scale, cfg.temporal_scale, window, (h, w))
             x = cube_sample(source, boxes, times, (cfg.views.frames, size, size))
             image = self.view_configs[v].image  # the framework's per-view photometric part
-            flipped = (
-                torch.rand(n, generator=generator, device=generator.device).to(dev) < image.flip_p
-            )
+            flipped = torch.rand(n, generator=generator, device=generator.device).to(dev) < image.flip_p
             x = normalize_video(photometric(hflip(x, flipped), image, generator))
             extra = {"time": times.detach(), "window": torch.full((n,), float(window), device=dev)}
             if batch.looped is not None:
                 extra["looped"] = batch.looped
-            views.append(
-                View(x, ViewProvenance(boxes.detach(), flipped, (h, w), (size, size), extra))
-            )
+            views.append(View(x, ViewProvenance(boxes.detach(), flipped, (h, w), (size, size), extra)))
         self._accumulate(views)
         return views
 

@@ -60,10 +60,7 @@ def partner_permutation(batch_size: int) -> Tensor:
     negative; we then fall back to a cyclic shift (i -> i+1 mod B), which has no fixed point.
     """
     if batch_size < 2:
-        raise ValueError(
-            f"RegionCL swaps regions between images of a batch: "
-            f"need a batch of >= 2, got {batch_size}"
-        )
+        raise ValueError(f"RegionCL swaps regions between images of a batch: need a batch of >= 2, got {batch_size}")
     if batch_size % 2 == 0:
         return torch.arange(batch_size - 1, -1, -1)
     return torch.roll(torch.arange(batch_size), -1)
@@ -92,14 +89,9 @@ def region_pool(fmap: Tensor, box_cells: Tensor) -> tuple[Tensor, Tensor]:
     x0, y0, x1, y1 = (int(v) for v in box_cells)
     h, w = fmap.shape[2:]
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise ValueError(
-            f"region box {box_cells.tolist()} (cells) is empty or outside the {h}×{w} feature map"
-        )
+        raise ValueError(f"region box {box_cells.tolist()} (cells) is empty or outside the {h}×{w} feature map")
     if (x1 - x0) * (y1 - y0) == h * w:
-        raise ValueError(
-            f"region box {box_cells.tolist()} covers the whole {h}×{w} map: "
-            "the canvas would be empty"
-        )
+        raise ValueError(f"region box {box_cells.tolist()} covers the whole {h}×{w} map: the canvas would be empty")
     inside = torch.zeros(h, w, dtype=fmap.dtype, device=fmap.device)
     inside[y0:y1, x0:x1] = 1
     paste = (fmap * inside).sum(dim=(2, 3)) / inside.sum()
@@ -121,19 +113,13 @@ def region_infonce(
     inv = torch.argsort(partner.to(canvas.device))  # inv[j]: the composite holding image j's region
     paste_src = paste[inv]  # row j: the region cut from image j
     pos = torch.cat([(canvas * keys).sum(1), (paste_src * keys).sum(1)]).unsqueeze(1)
-    intra = torch.cat(
-        [(canvas * paste.detach()).sum(1), (paste_src * canvas[inv].detach()).sum(1)]
-    ).unsqueeze(1)
+    intra = torch.cat([(canvas * paste.detach()).sum(1), (paste_src * canvas[inv].detach()).sum(1)]).unsqueeze(1)
     inter = torch.cat([canvas, paste_src]) @ queue.T
     logits = torch.cat([pos, intra, inter], dim=1).float() / temperature
-    return F.cross_entropy(
-        logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    )
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
-def region_regression(
-    p_canvas: Tensor, p_paste: Tensor, targets: Tensor, partner: Tensor
-) -> Tensor:
+def region_regression(p_canvas: Tensor, p_paste: Tensor, targets: Tensor, partner: Tensor) -> Tensor:
     """RegionCL-S region term (SimSiam form): negative cosine of each region's prediction with the
     stop-gradient projection of its source image's other view. p_*: B×D, targets: B×D. -> scalar.
 
@@ -146,9 +132,7 @@ def region_regression(
     return -0.5 * (cos_c.mean() + cos_p.mean())
 
 
-def view_box_to_canvas(
-    box: Tensor, crop: Tensor, flipped: Tensor, view_hw: tuple[int, int]
-) -> Tensor:
+def view_box_to_canvas(box: Tensor, crop: Tensor, flipped: Tensor, view_hw: tuple[int, int]) -> Tensor:
     """Map a box given in view pixels back to each view's source canvas. -> B×4 float.
 
     box: (x0, y0, x1, y1) view pixels (shared) or B×4; crop: B×4 canvas box the view was resized

@@ -38,9 +38,7 @@ class VideoBackbone(nn.Module, abc.ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
-            raise ValueError(
-                f"{self.arch}: expected a B×C×T×H×W clip batch, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{self.arch}: expected a B×C×T×H×W clip batch, got shape {tuple(x.shape)}")
         return self.forward_features(x).mean(dim=(2, 3, 4))
 
 
@@ -59,9 +57,7 @@ class VideoResNetBackbone(VideoBackbone):
 
 def _from_torchvision_video(arch: str) -> VideoResNetBackbone:
     m = getattr(torchvision.models.video, arch)()
-    return VideoResNetBackbone(
-        arch, m.stem, [m.layer1, m.layer2, m.layer3, m.layer4], m.fc.in_features
-    )
+    return VideoResNetBackbone(arch, m.stem, [m.layer1, m.layer2, m.layer3, m.layer4], m.fc.in_features)
 
 
 @BACKBONES.register("r3d_18")
@@ -112,9 +108,7 @@ def slow_r50(**_: Any) -> PytorchVideoBackbone:
     """pytorchvideo Slow-only ResNet-50 (Feichtenhofer et al. CVPR'21 large-scale study), 2048-d."""
     from pytorchvideo.models.resnet import create_resnet
 
-    net = create_resnet(
-        model_depth=50, stem_conv_kernel_size=(1, 7, 7), head_pool_kernel_size=(8, 7, 7)
-    )
+    net = create_resnet(model_depth=50, stem_conv_kernel_size=(1, 7, 7), head_pool_kernel_size=(8, 7, 7))
     return PytorchVideoBackbone("slow_r50", net, 2048)
 
 

@@ -46,16 +46,12 @@ class VideoViewConfig:
     frames: int = 8  # output frames T'
     stride: int = 2  # source frames between output frames
     image: ViewConfig = field(default_factory=video_image_views)  # per-clip spatial + colour part
-    temporal: Literal["random", "start"] = (
-        "random"  # clip start: anywhere in the window, or frame 0
-    )
+    temporal: Literal["random", "start"] = "random"  # clip start: anywhere in the window, or frame 0
     random_conv_p: float = 0.0  # BraVe broad-video augmentation: random 2D convolution
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.stride < 1:
-            raise ConfigError(
-                f"VideoViewConfig: frames and stride must be >= 1, got {self.frames}, {self.stride}"
-            )
+            raise ConfigError(f"VideoViewConfig: frames and stride must be >= 1, got {self.frames}, {self.stride}")
 
     @property
     def span(self) -> int:
@@ -82,9 +78,7 @@ def sample_starts(
         )
     if cfg.temporal == "start":
         return torch.zeros(n, device=device)
-    return torch.floor(_rand(n, generator, device) * (window - cfg.span + 1)).clamp(
-        max=window - cfg.span
-    )
+    return torch.floor(_rand(n, generator, device) * (window - cfg.span + 1)).clamp(max=window - cfg.span)
 
 
 def photometric(x: Tensor, cfg: ViewConfig, generator: torch.Generator) -> Tensor:
@@ -109,9 +103,7 @@ def random_convolution(x: Tensor, apply: Tensor, generator: torch.Generator) -> 
     dev = x.device
     k = 2 * torch.randint(0, 6, (b,), generator=generator, device=generator.device).to(dev) + 1
     weight = torch.randn(b, c, c, 11, 11, generator=generator, device=generator.device).to(dev)
-    weight = weight * torch.sqrt(2.0 / (c * k.float() ** 2)).view(
-        b, 1, 1, 1, 1
-    )  # He init, fan_in c·k²
+    weight = weight * torch.sqrt(2.0 / (c * k.float() ** 2)).view(b, 1, 1, 1, 1)  # He init, fan_in c·k²
     d = torch.arange(11, device=dev) - 5
     inside = d.abs()[None] <= (k[:, None] // 2)  # B×11: taps within the drawn kernel
     weight = weight * (inside[:, None, None, :, None] & inside[:, None, None, None, :])
@@ -130,9 +122,7 @@ def make_video_view(
 ) -> View:
     """uint8 B×3×T×S×S windows -> a normalised B×3×frames×size×size view with its provenance."""
     if video.dim() != 5 or video.shape[1] != 3:
-        raise ValueError(
-            f"make_video_view: expected B×3×T×H×W clips, got shape {tuple(video.shape)}"
-        )
+        raise ValueError(f"make_video_view: expected B×3×T×H×W clips, got shape {tuple(video.shape)}")
     n, _, window, height, width = video.shape
     dev, size = video.device, cfg.image.size
     with torch.autocast(device_type=dev.type, enabled=False):
@@ -231,11 +221,7 @@ def render_view_strip(
                 t0, t1 = view.prov.extra["time"][s].tolist()
                 if t0 <= f + 0.5 < t1:
                     x0, y0, x1, y1 = view.prov.boxes[s].tolist()
-                    ax.add_patch(
-                        Rectangle(
-                            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=c, lw=1.2
-                        )
-                    )
+                    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=c, lw=1.2))
         for v, view in enumerate(views):
             t = view.tensor.shape[2]
             for col in range(n_frames):
@@ -245,9 +231,7 @@ def render_view_strip(
                     ax.imshow(_to_rgb(view.tensor[s, :, k]).numpy())
                     t0, t1 = view.prov.extra["time"][s].tolist()
                     frame_at = t0 + (k + 0.5) * (t1 - t0) / t - 0.5
-                    ax.set_title(
-                        f"{names[v]} @{frame_at:.0f}", fontsize=6, color=colours[v % len(colours)]
-                    )
+                    ax.set_title(f"{names[v]} @{frame_at:.0f}", fontsize=6, color=colours[v % len(colours)])
         axes[base, 0].set_ylabel(f"clip {s}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -259,8 +243,7 @@ def render_view_strip(
             "centre_distance": float(cube_centre_distance(views[0].prov, views[1].prov).mean()),
         }
         fig.suptitle(
-            f"{names[0]} vs {names[1]}: cube IoU {stats['iou']:.2f}, "
-            f"centre distance {stats['centre_distance']:.2f}",
+            f"{names[0]} vs {names[1]}: cube IoU {stats['iou']:.2f}, centre distance {stats['centre_distance']:.2f}",
             fontsize=8,
         )
     fig.tight_layout()

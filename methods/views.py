@@ -54,9 +54,7 @@ class ViewConfig:
         0.1,
     )  # MoCo v2 (b, c, s, h); SimCLR 0.8·(1,1,1,.25)
     jitter_p: float = 0.8  # all four papers
-    jitter_order: Literal["random", "fixed"] = (
-        "random"  # torchvision ColorJitter permutes per image
-    )
+    jitter_order: Literal["random", "fixed"] = "random"  # torchvision ColorJitter permutes per image
     gray_p: float = 0.2  # all four papers
     blur_p: float = 0.5  # MoCo v2 / SimCLR; BYOL 1.0 and 0.1
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # SimCLR / MoCo v2 / BYOL
@@ -66,9 +64,7 @@ class ViewConfig:
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ConfigError(
-                    f"ViewConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-                )
+                raise ConfigError(f"ViewConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
 
         check(self.size >= 1, "size", "a positive integer")
         check(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "0 < min <= max <= 1")
@@ -92,9 +88,7 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.devi
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
-def _uniform(
-    n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device
-) -> Tensor:
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device) -> Tensor:
     return lo + (hi - lo) * _rand((n,), generator, device)
 
 
@@ -153,9 +147,7 @@ def crop_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """B×C×H×W float, B×4 boxes (x0, y0, x1, y1) -> B×C×h×w, pixel convention of the module doc."""
     idx = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype)[:, None]
     rois = torch.cat([idx, boxes.to(images.device)], dim=1)
-    return roi_align(
-        images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
-    )
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def hflip(x: Tensor, flipped: Tensor) -> Tensor:
@@ -202,13 +194,9 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     r, g, b = x.unbind(1)
     span = maxc - minc
     safe = torch.where(span > 0, span, torch.ones_like(span))
-    hue = torch.where(
-        maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe)
-    )
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     hue = torch.where(span > 0, hue / 6, torch.zeros_like(hue))
-    sat = torch.where(
-        maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
-    )
+    sat = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     hue6 = torch.remainder(hue + _per_sample(shift, hue), 1.0) * 6
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is V − V·S·clamp(min(k, 4 − k), 0, 1)
     # with k = (n + 6H) mod 6
@@ -247,9 +235,7 @@ def _blend_op(x: Tensor, op: Tensor, factors: Tensor) -> Tensor:
     f = torch.where(op == 3, torch.ones_like(f), f)
     gray = to_gray(x)
     mean = gray.mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    ref = torch.where(
-        _per_sample(op == 0, x), 0.0, torch.where(_per_sample(op == 1, x), mean, gray)
-    )
+    ref = torch.where(_per_sample(op == 0, x), 0.0, torch.where(_per_sample(op == 1, x), mean, gray))
     return _blend(x, ref, f)
 
 
@@ -291,9 +277,7 @@ def sample_jitter(
     applied = _coin(n, cfg.jitter_p, generator, device)
     identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
     factors = torch.where(applied[:, None], factors, identity)
-    order = (
-        _rand((n, 4), generator, device).argsort(dim=1) if cfg.jitter_order == "random" else None
-    )
+    order = _rand((n, 4), generator, device).argsort(dim=1) if cfg.jitter_order == "random" else None
     return factors, order
 
 
@@ -309,18 +293,14 @@ def make_view(images: Tensor, cfg: ViewConfig, generator: torch.Generator) -> Vi
         flipped = _coin(n, cfg.flip_p, generator, dev)
         x = hflip(x, flipped)
         x = color_jitter(x, *sample_jitter(n, cfg, generator, dev))
-        x = torch.where(
-            _per_sample(_coin(n, cfg.gray_p, generator, dev), x), to_gray(x).expand_as(x), x
-        )
+        x = torch.where(_per_sample(_coin(n, cfg.gray_p, generator, dev), x), to_gray(x).expand_as(x), x)
         sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
         blur = _per_sample(_coin(n, cfg.blur_p, generator, dev), x)
         if cfg.blur_p > 0 and cfg.kernel_size > 1:
             x = torch.where(blur, gaussian_blur(x, sigma, cfg.kernel_size), x)
         x = solarize(x, _coin(n, cfg.solarize_p, generator, dev))
         x = normalize(x * 255)
-    prov = ViewProvenance(
-        boxes=boxes, flipped=flipped, source_size=(height, width), output_size=(cfg.size, cfg.size)
-    )
+    prov = ViewProvenance(boxes=boxes, flipped=flipped, source_size=(height, width), output_size=(cfg.size, cfg.size))
     return View(x, prov)
 
 

@@ -68,9 +68,7 @@ def uncached(encoder: nn.Module, settings: LinearSettings, data: EvalData) -> fl
             group["lr"] = lr_at(settings, epoch)
         for idx in torch.randperm(len(train), generator=gen).split(settings.batch_size):
             batch = collate_images([train[int(i)] for i in idx])
-            loss = F.cross_entropy(
-                probe(_features(encoder, batch.images, settings.crop)), batch.labels
-            )
+            loss = F.cross_entropy(probe(_features(encoder, batch.images, settings.crop)), batch.labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -94,10 +92,7 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = resnet_micro()
     build_dataset(settings.dataset, "train", data.root)  # generate embedded data before timing
-    print(
-        f"linear probe: {settings.epochs} epochs, resnet_micro, {settings.dataset}, "
-        f"{args.threads} threads"
-    )
+    print(f"linear probe: {settings.epochs} epochs, resnet_micro, {settings.dataset}, {args.threads} threads")
     times = {}
     for name, fn in (("cached features", cached), ("backbone every epoch", uncached)):
         t0 = time.perf_counter()

@@ -71,9 +71,7 @@ def test_mocov2_momentum_update_and_enqueue_by_hand() -> None:
     method = _method("mocov2", momentum=0.9)
     assert isinstance(method, MoCoV2)
     key_before = [p.detach().clone() for p in method.key_backbone.parameters()]
-    assert all(
-        torch.equal(a, b) for a, b in zip(key_before, method.backbone.parameters(), strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(key_before, method.backbone.parameters(), strict=True))
     assert not any(p.requires_grad for p in method.key_backbone.parameters())
     out = method.training_step(_batch(), 0, torch.Generator().manual_seed(0))
     assert int(method.queue.ptr) == 8  # this step's 8 keys were enqueued
@@ -82,9 +80,7 @@ def test_mocov2_momentum_update_and_enqueue_by_hand() -> None:
         for p in method.backbone.parameters():
             p.add_(1.0)  # a stand-in optimizer step
     method.after_step(0)
-    for k_old, k_new, q in zip(
-        key_before, method.key_backbone.parameters(), method.backbone.parameters(), strict=True
-    ):
+    for k_old, k_new, q in zip(key_before, method.key_backbone.parameters(), method.backbone.parameters(), strict=True):
         torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
     # optimizer sees only the query side
     opt_params = {id(p) for g in method.param_groups() for p in g["params"]}
@@ -104,9 +100,7 @@ def test_byol_asymmetric_views_and_cosine_momentum() -> None:
     assert isinstance(method, BYOL)
     v1, v2 = method.view_configs
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
-    assert method.momentum_at(0) == pytest.approx(0.996) and method.momentum_at(
-        100
-    ) == pytest.approx(1.0)
+    assert method.momentum_at(0) == pytest.approx(0.996) and method.momentum_at(100) == pytest.approx(1.0)
     online = [p.detach().clone() for p in method.projector.parameters()]
     target = [p.detach().clone() for p in method.target_projector.parameters()]
     with torch.no_grad():
@@ -158,9 +152,7 @@ def test_entry_recipes_validate_and_state_their_paper(name: str) -> None:
 def test_method_configs_reject_unknown_keys() -> None:
     from cropbench.errors import ConfigError
 
-    with pytest.raises(
-        ConfigError, match=r"params.views.sise: unknown key; valid keys of ViewConfig"
-    ):
+    with pytest.raises(ConfigError, match=r"params.views.sise: unknown key; valid keys of ViewConfig"):
         from_dict(METHODS.get("simclr").Config, {"views": {"sise": 32}}, "x.yaml", "params")
     with pytest.raises(ConfigError, match=r"ViewConfig.jitter_p: expected a probability"):
         from_dict(METHODS.get("byol").Config, {"views": {"jitter_p": 2.0}}, "x.yaml", "params")
@@ -170,9 +162,7 @@ def test_ema_parameters_are_excluded_from_the_default_param_groups() -> None:
     for name in ("mocov2", "byol"):
         method = _method(name)
         frozen = [p for p in method.parameters() if not p.requires_grad]
-        assert frozen and not (
-            {id(p) for p in frozen} & {id(p) for g in method.param_groups() for p in g["params"]}
-        )
+        assert frozen and not ({id(p) for p in frozen} & {id(p) for g in method.param_groups() for p in g["params"]})
         assert isinstance(method.momentum_pairs()[0][1], nn.Module)
 
 

@@ -53,9 +53,7 @@ def test_nt_xent_matches_naive_loop() -> None:
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
     for tau in (0.1, 0.5):
-        assert float(nt_xent(z1, z2, tau, ONE)) == pytest.approx(
-            naive_nt_xent(z1, z2, tau), rel=1e-5
-        )
+        assert float(nt_xent(z1, z2, tau, ONE)) == pytest.approx(naive_nt_xent(z1, z2, tau), rel=1e-5)
 
 
 def test_nt_xent_gradient_matches_autograd_of_the_formula() -> None:
@@ -83,9 +81,7 @@ def test_info_nce_with_queue_matches_naive_loop() -> None:
         torch.randn(4, 8, generator=g),
         torch.randn(11, 8, generator=g),
     )
-    assert float(info_nce(q, k, queue, 0.2)) == pytest.approx(
-        naive_info_nce(q, k, queue, 0.2), rel=1e-5
-    )
+    assert float(info_nce(q, k, queue, 0.2)) == pytest.approx(naive_info_nce(q, k, queue, 0.2), rel=1e-5)
 
 
 def test_regression_losses_match_formulas_and_stop_gradient() -> None:
@@ -120,10 +116,7 @@ def test_momentum_copy_is_equal_and_frozen() -> None:
     net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     copy = momentum_copy(net)
     assert all(not p.requires_grad for p in copy.parameters())
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(net.state_dict().values(), copy.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), copy.state_dict().values(), strict=True))
 
 
 def test_cosine_momentum_schedule() -> None:

@@ -66,9 +66,7 @@ def test_region_pool_is_the_mean_inside_and_outside_the_box():
     canvas, paste = region_pool(fmap, box)
     for b in range(2):
         inside = [fmap[b, :, y, x] for y in range(4) for x in range(4) if 1 <= x < 3 and y < 2]
-        outside = [
-            fmap[b, :, y, x] for y in range(4) for x in range(4) if not (1 <= x < 3 and y < 2)
-        ]
+        outside = [fmap[b, :, y, x] for y in range(4) for x in range(4) if not (1 <= x < 3 and y < 2)]
         assert torch.allclose(paste[b], torch.stack(inside).mean(0), atol=1e-6)
         assert torch.allclose(canvas[b], torch.stack(outside).mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="canvas would be empty"):
@@ -83,9 +81,7 @@ def _naive_region_loss(canvas, paste, keys, queue, partner, tau):
     b = canvas.shape[0]
     terms = []
     for i in range(b):  # canvas of composite i comes from image i
-        logits = [canvas[i] @ keys[i], canvas[i] @ paste[i].detach()] + [
-            canvas[i] @ n for n in queue
-        ]
+        logits = [canvas[i] @ keys[i], canvas[i] @ paste[i].detach()] + [canvas[i] @ n for n in queue]
         terms.append(-F.log_softmax(torch.stack(logits) / tau, 0)[0])
     for j in range(b):  # the region cut from image j sits in the composite c with partner[c] == j
         c = [c for c in range(b) if partner[c] == j][0]

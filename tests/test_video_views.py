@@ -78,9 +78,7 @@ def test_cube_sample_copies_an_integer_cube_voxel_for_voxel():
     times = frame_interval(torch.tensor([1]), frames=3, stride=2)  # frames 1, 3, 5
     assert times.tolist() == [[0.5, 6.5]]  # bins of 2 frames centred on frames 1, 3, 5
     out = cube_sample(video, box, times, (3, 3, 4))
-    expected = torch.tensor(
-        [[[100 * t + 10 * y + x for x in range(2, 6)] for y in range(1, 4)] for t in (1, 3, 5)]
-    )
+    expected = torch.tensor([[[100 * t + 10 * y + x for x in range(2, 6)] for y in range(1, 4)] for t in (1, 3, 5)])
     assert torch.allclose(out[0, 0], expected.float(), atol=1e-3)
     flipped = cube_sample(video, box, times, (3, 3, 4), flipped=torch.tensor([True]))
     assert torch.allclose(flipped[0, 0], expected.flip(-1).float(), atol=1e-3)
@@ -101,9 +99,7 @@ def test_cube_sample_is_differentiable_in_the_cube():
     video = torch.rand(1, 1, 4, 5, 5, dtype=torch.float64)
     boxes = torch.tensor([[0.6, 0.8, 3.7, 4.1]], dtype=torch.float64, requires_grad=True)
     times = torch.tensor([[0.4, 3.3]], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda b, t: cube_sample(video, b, t, (2, 3, 3)), (boxes, times)
-    )
+    assert torch.autograd.gradcheck(lambda b, t: cube_sample(video, b, t, (2, 3, 3)), (boxes, times))
 
 
 def test_photometric_ops_are_per_clip_and_match_torchvision_per_frame():
@@ -118,9 +114,7 @@ def test_photometric_ops_are_per_clip_and_match_torchvision_per_frame():
             ref = TF.adjust_hue(ref, float(factors[i, 3]))
             assert torch.allclose(out[i, :, t], ref, atol=1e-4)
     contrast = color_jitter(x, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * 2), None)
-    grey = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(
-        dim=(1, 2, 3)
-    )  # one level per clip
+    grey = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2, 3))  # one level per clip
     ref = (0.5 * x + 0.5 * grey.view(2, 1, 1, 1, 1)).clamp(0, 1)
     assert torch.allclose(contrast, ref, atol=1e-6)
 
@@ -140,9 +134,7 @@ def test_a_view_is_the_cube_its_provenance_records():
     ]
     assert torch.all(p.extra["time"][:, 1] - p.extra["time"][:, 0] == 12)  # frames x stride
     assert torch.all(p.extra["time"][:, 0] >= -1) and torch.all(p.extra["time"][:, 1] <= 21)
-    again = normalize_video(
-        cube_sample(video.float() / 255, p.boxes, p.extra["time"], (4, 16, 16), p.flipped)
-    )
+    again = normalize_video(cube_sample(video.float() / 255, p.boxes, p.extra["time"], (4, 16, 16), p.flipped))
     assert torch.allclose(view.tensor, again, atol=1e-5)
     with pytest.raises(Exception, match="needs 28 window frames, the batch has 20"):
         make_video_view(video, VideoViewConfig(frames=10, stride=3, image=plain), torch.Generator())
@@ -150,9 +142,7 @@ def test_a_view_is_the_cube_its_provenance_records():
 
 def test_photometric_leaves_frames_of_a_clip_consistent():
     x = torch.rand(4, 3, 1, 8, 8).expand(4, 3, 5, 8, 8).clone()  # five identical frames per clip
-    out = photometric(
-        x, ViewConfig(size=8, blur_p=1.0, solarize_p=0.5), torch.Generator().manual_seed(0)
-    )
+    out = photometric(x, ViewConfig(size=8, blur_p=1.0, solarize_p=0.5), torch.Generator().manual_seed(0))
     assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-6)  # same op on every frame
 
 
@@ -180,9 +170,7 @@ def test_random_convolution_applies_each_clips_own_kernel():
     out = random_convolution(x, apply, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)  # replay the draws: kernel sides, then weights
     k = 2 * torch.randint(0, 6, (3,), generator=g) + 1
-    w = torch.randn(3, 3, 3, 11, 11, generator=g) * torch.sqrt(2.0 / (3 * k.float() ** 2)).view(
-        3, 1, 1, 1, 1
-    )
+    w = torch.randn(3, 3, 3, 11, 11, generator=g) * torch.sqrt(2.0 / (3 * k.float() ** 2)).view(3, 1, 1, 1, 1)
     for i in range(2):
         c = 5 - int(k[i]) // 2
         kern = w[i, :, :, c : c + int(k[i]), c : c + int(k[i])]

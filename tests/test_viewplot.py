@@ -14,9 +14,7 @@ from cropbench.viewplot import render_views, view_statistics
 
 
 def _view(boxes: list[list[float]], flipped: list[bool], extra: dict | None = None) -> View:
-    prov = ViewProvenance(
-        torch.tensor(boxes), torch.tensor(flipped), (64, 64), (32, 32), extra or {}
-    )
+    prov = ViewProvenance(torch.tensor(boxes), torch.tensor(flipped), (64, 64), (32, 32), extra or {})
     return View(torch.zeros(len(boxes), 3, 32, 32), prov)
 
 
@@ -41,22 +39,16 @@ def _png_ok(path: Path) -> None:
         assert len(set(img.convert("L").getdata())) > 50  # a picture, not a blank canvas
 
 
-def test_render_regioncl_views_draws_the_composite_and_reports_region_statistics(
-    tmp_path, data_root
-):
+def test_render_regioncl_views_draws_the_composite_and_reports_region_statistics(tmp_path, data_root):
     out = tmp_path / "regioncl.png"
     stats = render_views("regioncl", "m", out, n_images=3, seed=1, data_root=data_root)
     _png_ok(out)
     assert {"iou_mean", "centre_dist_mean", "region_area_mean", "pair2.region_area"} <= set(stats)
-    assert stats["region_area_mean"] in {
-        a * b / 16 for a in (2, 3) for b in (2, 3)
-    }  # 2-3 cells of 4
+    assert stats["region_area_mean"] in {a * b / 16 for a in (2, 3) for b in (2, 3)}  # 2-3 cells of 4
     assert 0 <= stats["iou_mean"] <= 1
 
 
-@pytest.mark.parametrize(
-    ("entry", "variant"), [("cyborgs", "default"), ("houghcl", "default"), ("mocov2", "default")]
-)
+@pytest.mark.parametrize(("entry", "variant"), [("cyborgs", "default"), ("houghcl", "default"), ("mocov2", "default")])
 def test_render_views_of_other_entries(entry, variant, tmp_path, data_root):
     out = tmp_path / f"{entry}.png"
     stats = render_views(entry, variant, out, n_images=2, data_root=data_root)

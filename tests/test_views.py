@@ -35,9 +35,7 @@ def _marker_canvas() -> torch.Tensor:
 
 def test_crop_at_native_size_is_an_exact_copy_and_markers_land_where_computed() -> None:
     canvas = _marker_canvas()
-    box = torch.tensor(
-        [[5.0, 3.0, 13.0, 11.0]]
-    )  # x0, y0, x1, y1: 8×8 pixels, cols 5..12, rows 3..10
+    box = torch.tensor([[5.0, 3.0, 13.0, 11.0]])  # x0, y0, x1, y1: 8×8 pixels, cols 5..12, rows 3..10
     view = V.crop_resize(canvas, box, (8, 8))
     torch.testing.assert_close(view, canvas[:, :, 3:11, 5:13])
     # marker (row 6, col 7) -> view (6 - 3, 7 - 5) = (3, 2); marker (9, 12) -> (6, 7)
@@ -84,10 +82,7 @@ def test_sample_boxes_follow_torchvision_distribution() -> None:
     assert (w * h / size**2).min() >= scale[0] - 0.01
     torch.manual_seed(1)
     ref = torch.tensor(
-        [
-            T.RandomResizedCrop.get_params(torch.zeros(1, size, size), list(scale), list(ratio))
-            for _ in range(n)
-        ],
+        [T.RandomResizedCrop.get_params(torch.zeros(1, size, size), list(scale), list(ratio)) for _ in range(n)],
         dtype=torch.float,
     )  # top, left, h, w
     area, ref_area = (w * h).mean() / size**2, (ref[:, 2] * ref[:, 3]).mean() / size**2
@@ -104,9 +99,7 @@ def test_grid_centres_map_back_through_box_and_flip() -> None:
         source_size=(32, 32),
         output_size=(16, 16),
     )
-    c = V.grid_centres(
-        prov, (2, 4)
-    )  # cells of 4×2 canvas px... box 16 wide / 4 cols = 4 px, 8 tall / 2 rows
+    c = V.grid_centres(prov, (2, 4))  # cells of 4×2 canvas px... box 16 wide / 4 cols = 4 px, 8 tall / 2 rows
     assert c.shape == (2, 8, 2)
     assert c[0, 0].tolist() == [10.0, 6.0]  # x0 + 0.5·4, y0 + 0.5·4
     assert c[0, 5].tolist() == [14.0, 10.0]  # row 1, col 1
@@ -148,9 +141,7 @@ def test_grayscale_blur_solarize_match_torchvision() -> None:
     x = _images()
     torch.testing.assert_close(V.to_gray(x), TF.rgb_to_grayscale(x))
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.7])
-    ref = torch.stack(
-        [TF.gaussian_blur(x[i], [5, 5], [float(s), float(s)]) for i, s in enumerate(sigma)]
-    )
+    ref = torch.stack([TF.gaussian_blur(x[i], [5, 5], [float(s), float(s)]) for i, s in enumerate(sigma)])
     torch.testing.assert_close(V.gaussian_blur(x, sigma, 5), ref, atol=1e-6, rtol=0)
     apply = torch.tensor([True, False, True, True, False, True])
     ref = torch.stack([TF.solarize(x[i], 0.5) if a else x[i] for i, a in enumerate(apply)])
@@ -170,16 +161,12 @@ def test_color_jitter_random_order_matches_sequential_torchvision() -> None:
         for k in order[i].tolist():
             xi = ops[k](xi, float(factors[i, k]))
         ref.append(xi)
-    torch.testing.assert_close(
-        V.color_jitter(x, factors, order), torch.stack(ref), atol=2e-6, rtol=0
-    )
+    torch.testing.assert_close(V.color_jitter(x, factors, order), torch.stack(ref), atol=2e-6, rtol=0)
     fixed = torch.stack(
         [
             TF.adjust_hue(
                 TF.adjust_saturation(
-                    TF.adjust_contrast(
-                        TF.adjust_brightness(x[i], float(factors[i, 0])), float(factors[i, 1])
-                    ),
+                    TF.adjust_contrast(TF.adjust_brightness(x[i], float(factors[i, 0])), float(factors[i, 1])),
                     float(factors[i, 2]),
                 ),
                 float(factors[i, 3]),
@@ -194,9 +181,7 @@ def test_color_jitter_random_order_matches_sequential_torchvision() -> None:
 
 
 def _canvases(n: int = 8, size: int = 32) -> torch.Tensor:
-    return torch.randint(
-        0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
-    )
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
 
 
 def test_view_is_the_recorded_crop_when_photometric_ops_are_off() -> None:
@@ -204,9 +189,7 @@ def test_view_is_the_recorded_crop_when_photometric_ops_are_off() -> None:
     imgs = _canvases()
     view = V.make_view(imgs, cfg, torch.Generator().manual_seed(0))
     assert view.prov.source_size == (32, 32) and view.prov.output_size == (16, 16)
-    expected = V.hflip(
-        V.crop_resize(imgs.float() / 255, view.prov.boxes, (16, 16)), view.prov.flipped
-    )
+    expected = V.hflip(V.crop_resize(imgs.float() / 255, view.prov.boxes, (16, 16)), view.prov.flipped)
     torch.testing.assert_close(view.tensor, normalize(expected * 255))
 
 
@@ -227,9 +210,9 @@ def test_probabilities_zero_and_one() -> None:
     g = torch.Generator().manual_seed(0)
     gray = V.make_view(imgs, V.ViewConfig(size=16, gray_p=1.0, flip_p=1.0, blur_p=0.0), g)
     assert gray.prov.flipped.all()
-    rgb = gray.tensor * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor(
-        [0.485, 0.456, 0.406]
-    ).view(1, 3, 1, 1)
+    rgb = gray.tensor * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(rgb[:, 0], rgb[:, 1], atol=1e-5, rtol=0)
     plain = V.make_view(imgs, V.ViewConfig(size=16, flip_p=0.0), g)
     assert not plain.prov.flipped.any()
@@ -243,6 +226,4 @@ def test_view_config_rules_and_errors() -> None:
     with pytest.raises(ConfigError, match=r"ViewConfig.blur_p: expected a probability"):
         V.ViewConfig(blur_p=1.5)
     with pytest.raises(ValueError, match=r"expected B×3×H×W canvases"):
-        V.make_view(
-            torch.zeros(2, 1, 8, 8, dtype=torch.uint8), V.ViewConfig(size=4), torch.Generator()
-        )
+        V.make_view(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), V.ViewConfig(size=4), torch.Generator())
