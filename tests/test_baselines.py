@@ -135,7 +135,13 @@ def test_simsiam_loss_is_bounded_and_symmetric() -> None:
 @pytest.mark.parametrize("name", BASELINES)
 def test_entry_recipes_validate_and_state_their_paper(name: str) -> None:
     entry = load_entry(name)
-    assert entry.paper.arxiv and entry.evaluations == ("knn", "linear")
+    assert entry.paper.arxiv and entry.evaluations == (
+        "knn",
+        "linear",
+        "coco",
+        "voc",
+        "cityscapes",
+    )  # every image evaluation
     cls = METHODS.get(name)
     for scale in SCALES:
         recipe = entry.recipe("default", scale)
