@@ -177,10 +177,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain_distributed(
-    recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, nproc: int, resume: bool, where: str
-) -> TrainResult:
-    """Data-parallel pretraining on ``nproc`` processes through torchrun's launcher API."""
+def launch_all(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
+    """Run ``worker(*args)`` on ``nproc`` local processes through torchrun's launcher API; every
+    rank's return value, by rank."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     cfg = LaunchConfig(
@@ -193,7 +192,14 @@ def pretrain_distributed(
         max_restarts=0,
         start_method="spawn",
     )
-    results = elastic_launch(cfg, _ddp_worker)(recipe, run_dir, data_root, device.type, resume, where)
+    return elastic_launch(cfg, worker)(*args)
+
+
+def pretrain_distributed(
+    recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, nproc: int, resume: bool, where: str
+) -> TrainResult:
+    """Data-parallel pretraining on ``nproc`` processes through torchrun's launcher API."""
+    results = launch_all(nproc, _ddp_worker, recipe, run_dir, data_root, device.type, resume, where)
     sums = [results[r]["params_checksum"] for r in sorted(results)]
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise TrainingError(f"data-parallel ranks ended with different weights (parameter sums {sums})")
@@ -466,19 +472,7 @@ def _run_seed(
 # ---------------------------------------------------------------- cropbench eval
 def _launch(nproc: int, worker: Callable[..., Any], *args: Any) -> Any:
     """Run ``worker(*args)`` on ``nproc`` local processes (torchrun's launcher); rank 0's result."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    cfg = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        max_restarts=0,
-        start_method="spawn",
-    )
-    return elastic_launch(cfg, worker)(*args)[0]
+    return launch_all(nproc, worker, *args)[0]
 
 
 @dataclass(frozen=True)
