@@ -45,16 +45,17 @@ _PREFIXES = (
 Format = Literal["detectron2", "torchvision"]
 
 
-def load_checkpoint(path: Path, trusted: bool = False) -> Any:
-    """``torch.load`` on CPU; ``weights_only`` unless ``trusted`` (arbitrary pickles run code)."""
+def load_checkpoint(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU: a file holding anything but tensors and plain data
+    is refused, never run."""
     path = Path(path)
     if not path.is_file():
         raise CropbenchError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CropbenchError(
-            f"{path}: cannot be loaded with weights_only=True ({e}); if you trust the file, load it with trusted=True"
+            f"{path}: cannot be loaded with weights_only=True: it holds more than tensors and plain data ({e})"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CropbenchError(f"{path}: not a torch checkpoint ({e})") from e
@@ -132,7 +133,7 @@ def save_torchvision(state_dict: dict[str, Tensor], out: Path) -> Path:
     return out
 
 
-def export_checkpoint(ckpt_path: Path, fmt: Format, out_path: Path | None = None, trusted: bool = False) -> Path:
+def export_checkpoint(ckpt_path: Path, fmt: Format, out_path: Path | None = None) -> Path:
     """Write ``ckpt_path``'s backbone in ``fmt``.
 
     The default output is ``<ckpt>.d2.pkl`` / ``<ckpt>.torchvision.pth`` next to the checkpoint."""
@@ -144,5 +145,5 @@ def export_checkpoint(ckpt_path: Path, fmt: Format, out_path: Path | None = None
     if fmt not in savers:
         raise CropbenchError(f"unknown export format {fmt!r}; valid: {', '.join(savers)}")
     save, suffix = savers[fmt]
-    sd = backbone_state_dict(load_checkpoint(ckpt_path, trusted), str(ckpt_path))
+    sd = backbone_state_dict(load_checkpoint(ckpt_path), str(ckpt_path))
     return save(sd, Path(out_path) if out_path is not None else ckpt_path.with_suffix(suffix))
