@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cropbench.cli import cli
+from cropbench.data import dataset_folder
 
 TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=16"]
 TINY += ["--set", "data.limit=64"]
@@ -58,7 +59,8 @@ def test_a_missing_evaluation_dataset_fails_before_pretraining(tmp_path: Path, d
 
 def test_video_split_all_with_split_files_missing_fails_before_pretraining(tmp_path: Path, data_root: Path) -> None:
     """HMDB51 with split 3's files missing, ``--split all``: the error names the folder, first."""
-    src, dst = data_root / "synth_hmdb51", tmp_path / "data" / "synth_hmdb51"
+    src = dataset_folder("synth_hmdb51", data_root)  # generated on first use (a fresh machine has none)
+    dst = tmp_path / "data" / src.name
     dst.mkdir(parents=True)
     (dst / "videos").symlink_to(src / "videos")
     shutil.copy(src / ".cropbench-complete", dst)
