@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
@@ -11,6 +13,10 @@ import yaml
 from cropbench.errors import CropbenchError
 from cropbench.recipe import SCALES, Recipe, list_entries, load_entry, parse_overrides
 from cropbench.registry import BACKBONES, DATASETS, EVALUATIONS, METHODS
+
+if TYPE_CHECKING:
+    from cropbench.launch import SlurmOptions
+    from cropbench.runner import EvalSpec, RunSpec
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 KINDS = {"entries": None, "methods": METHODS, "evals": EVALUATIONS, "datasets": DATASETS, "backbones": BACKBONES}
@@ -118,6 +124,81 @@ def show(entry: str, full: bool) -> None:
         click.echo(f"\n(resolved recipes, deviations and evaluation settings: cropbench show {entry} --full)")
 
 
+_LAUNCH_OPTIONS = [
+    click.option(
+        "--launcher",
+        type=click.Choice(["local", "slurm", "submitit-local"]),
+        default="local",
+        show_default=True,
+        help="local: run here (joins a torchrun / srun launch found in the environment); slurm: submit "
+        "this run through submitit and return; submitit-local: the same on this machine (tests).",
+    ),
+    click.option("--partition", default=None, help="Slurm partition (--launcher slurm)."),
+    click.option("--nodes", default=None, type=click.IntRange(1), help="Slurm nodes (default 1)."),
+    click.option(
+        "--gpus-per-node",
+        default=None,
+        type=click.IntRange(0),
+        help="GPUs per node, one process each (default 1; 0 for CPU jobs, processes from --nproc).",
+    ),
+    click.option("--time", "time_min", default=None, type=click.IntRange(1), help="Time limit, minutes (default 60)."),
+    click.option("--cpus-per-task", default=None, type=click.IntRange(1), help="CPUs per process (Slurm default)."),
+    click.option(
+        "--slurm-log-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Where submitit writes job logs (default <work-dir>/slurm).",
+    ),
+]
+
+
+def launch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--launcher`` options shared by ``run`` and ``eval``."""
+    for option in reversed(_LAUNCH_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def slurm_options(launch: dict[str, Any], nproc: int, work_dir: Path) -> SlurmOptions | None:
+    """``SlurmOptions`` from the CLI's launcher options; None for ``--launcher local`` (where a
+    Slurm-only option is an error: it would be silently ignored)."""
+    from cropbench.launch import SlurmOptions
+
+    given = {k: v for k, v in launch.items() if k != "launcher" and v is not None}
+    if launch["launcher"] == "local":
+        if given:
+            flag = "--" + next(iter(given)).replace("_min", "").replace("_", "-")
+            raise CropbenchError(f"{flag} applies only with --launcher slurm (or submitit-local)")
+        return None
+    gpus = 1 if launch["gpus_per_node"] is None else launch["gpus_per_node"]
+    return SlurmOptions(
+        launch["launcher"],
+        Path(launch["slurm_log_dir"] or Path(work_dir) / "slurm").absolute(),
+        launch["partition"],
+        launch["nodes"] or 1,
+        nproc if gpus == 0 else (gpus if nproc == 1 else nproc),
+        gpus,
+        launch["time_min"] or 60,
+        launch["cpus_per_task"],
+    )
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).absolute()
+
+
+def submit_and_say(fn: Callable[..., Any], spec: Any, opts: SlurmOptions, name: str, records: list[Path]) -> None:
+    """Submit ``fn(spec)`` and print the job id, its log and where its records go; never waits."""
+    from cropbench.launch import submit
+
+    job = submit(fn, (spec,), opts, name)
+    where = "Slurm" if opts.launcher == "slurm" else "submitit-local"
+    click.echo(f"submitted {where} job {job.job_id}: {opts.nodes} node(s) x {opts.tasks_per_node} process(es)")
+    click.echo(f"  log:     {job.stdout}  (stderr {job.stderr.name}; one pair per process)")
+    for path in records:
+        click.echo(f"  record:  {path}")
+
+
 @cli.command()
 @click.argument("entry")
 @click.option("--variant", default=None, help="Variant name (default: the entry's first).")
@@ -167,6 +248,7 @@ def show(entry: str, full: bool) -> None:
     "--random-init/--no-random-init", default=False, help="Also evaluate the same encoder at its random initialisation."
 )
 @click.option("--quiet", is_flag=True)
+@launch_options
 def run(
     entry: str,
     variant: str | None,
@@ -183,8 +265,12 @@ def run(
     split: str | None,
     random_init: bool,
     quiet: bool,
+    **launch: Any,
 ) -> None:
-    """Pretrain ENTRY, evaluate it, write records and print a result table."""
+    """Pretrain ENTRY, evaluate it, write records and print a result table.
+
+    Under torchrun or srun (RANK / WORLD_SIZE, or an srun step, in the environment) every process
+    runs this same command and joins the launch; rank 0 alone writes and prints."""
     from cropbench.runner import RunSpec
     from cropbench.runner import run as run_entry
     from cropbench.tables import run_table
@@ -211,8 +297,38 @@ def run(
         quiet,
         resume_strict=resume == "strict",
     )
+    opts = slurm_options(launch, nproc, work_dir)
+    if opts is not None:
+        submit_run(spec, opts)
+        return
     records = run_entry(spec)
-    click.echo(run_table(records))
+    if records is not None:  # None: a process other than rank 0 of a distributed launch
+        click.echo(run_table(records))
+
+
+def submit_run(spec: RunSpec, opts: SlurmOptions) -> None:
+    """``run --launcher slurm``: check here, then submit the same run with absolute paths."""
+    from dataclasses import replace
+
+    from cropbench.records import Record, record_path
+    from cropbench.runner import RANDOM_INIT, command_line, preflight_run, resolve_data_root
+    from cropbench.runner import run as run_entry
+
+    opts.check()  # cheap checks (submitit installed, sbatch at hand) before the preflight
+    evals, _ = preflight_run(spec)
+    root = resolve_data_root(spec).absolute()
+    cmd = command_line()
+    spec = replace(
+        spec, data_root=root, out=_absolute(spec.out), work_dir=_absolute(spec.work_dir), nproc=1, command=cmd
+    )
+    variants = [spec.variant] + ([spec.variant + RANDOM_INIT] if spec.random_init else [])
+    paths = [
+        record_path(spec.out, Record(spec.entry, v, spec.scale, name, seed, {}, {}, 0.0, {}))
+        for seed in spec.seeds
+        for name in evals
+        for v in variants
+    ]
+    submit_and_say(run_entry, spec, opts, f"cropbench-{spec.entry}", paths)
 
 
 @cli.command("eval")
@@ -251,6 +367,7 @@ def run(
     "--work-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Feature caches."
 )
 @click.option("--quiet", is_flag=True)
+@launch_options
 def eval_cmd(
     weights: Path,
     entry: str,
@@ -266,6 +383,7 @@ def eval_cmd(
     out: Path,
     work_dir: Path,
     quiet: bool,
+    **launch: Any,
 ) -> None:
     """Evaluate WEIGHTS (a cropbench checkpoint.pt or a paper's released checkpoint) under ENTRY's
     evaluation protocols, without pretraining; records say where the weights came from."""
@@ -289,7 +407,39 @@ def eval_cmd(
         parse_overrides(sets),
         quiet,
     )
-    click.echo(run_table(evaluate_weights(spec)))
+    opts = slurm_options(launch, nproc, work_dir)
+    if opts is not None:
+        submit_eval(spec, opts)
+        return
+    records = evaluate_weights(spec)
+    if records is not None:  # None: a process other than rank 0 of a distributed launch
+        click.echo(run_table(records))
+
+
+def submit_eval(spec: EvalSpec, opts: SlurmOptions) -> None:
+    """``eval --launcher slurm``: check here (weights included), then submit with absolute paths."""
+    from dataclasses import replace
+
+    from cropbench.records import Record, record_path
+    from cropbench.runner import command_line, evaluate_weights, preflight_eval_spec
+
+    opts.check()
+    plan, root = preflight_eval_spec(spec)
+    cmd = command_line()
+    spec = replace(
+        spec,
+        weights=_absolute(spec.weights),
+        data_root=root.absolute(),
+        out=_absolute(spec.out),
+        work_dir=_absolute(spec.work_dir),
+        nproc=1,
+        command=cmd,
+    )
+    paths = [
+        record_path(spec.out, Record(spec.entry, spec.variant, spec.scale, name, plan.seed, {}, {}, 0.0, {}))
+        for name in plan.settings
+    ]
+    submit_and_say(evaluate_weights, spec, opts, f"cropbench-eval-{spec.entry}", paths)
 
 
 @cli.command()
@@ -396,6 +546,26 @@ def export(checkpoint: Path, fmt: str, out: Path | None) -> None:
 
     out = out or checkpoint.with_suffix(".pkl" if fmt == "detectron2" else ".torchvision.pth")
     click.echo(f"wrote {export_checkpoint(checkpoint, fmt, out)}")
+
+
+@cli.command()
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's current).")
+@click.option("--quick", is_flag=True, help="Small sizes: under a minute on 2 CPU cores (no e2e unless --only).")
+@click.option("--only", default=None, help="Comma-separated sections: views,step,linear,gpu,e2e (default: all).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a target is missed (default: print FAIL, exit 0).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override for step, gpu and e2e.")
+def bench(
+    device: str, threads: int | None, quick: bool, only: str | None, json_path: Path | None, strict: bool, sets: tuple
+) -> None:
+    """Our views, training step and linear probe side by side with plain references (interleaved)."""
+    from cropbench.bench import BenchOptions, parse_sections, run_bench
+
+    opts = BenchOptions(device, threads, quick, parse_sections(only, quick), json_path, strict, parse_overrides(sets))
+    code = run_bench(opts, click.echo)
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:

@@ -93,3 +93,52 @@ def shutdown(ctx: DistContext) -> None:
 def params_checksum(module: nn.Module) -> float:
     """Sum of all parameters in float64: equal on every rank when data-parallel training is in sync."""
     return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+# ---------------------------------------------------------------- joining a launch (torchrun, srun, --nproc)
+def join_process_group(
+    rank: int, world_size: int, local_rank: int, device: torch.device
+) -> tuple[DistContext, torch.device]:
+    """Join the process group the launcher describes in the environment (``env://``: MASTER_ADDR,
+    MASTER_PORT; under torchrun its agent's store). NCCL on CUDA with LOCAL_RANK's device, gloo on CPU.
+    Returns the context and this process's device."""
+    if device.type == "cuda":  # one visible GPU per process (a site's GPU binding): it is device 0
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    extra = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **extra)
+    return DistContext(rank, world_size), device
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every process (a no-op in one process)."""
+    if ctx.enabled:
+        dist.barrier()
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on at least one (one all-reduce of a max)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, ctx: DistContext, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` set to rank ``src``'s values, in place."""
+    if not ctx.enabled:
+        return
+    for t in module.state_dict().values():
+        buf = t if t.is_contiguous() else t.contiguous()
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)
+
+
+def gather_floats(x: float, ctx: DistContext, device: torch.device) -> list[float]:
+    """``x`` from every process, by rank (float64)."""
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    return [float(v) for v in gather_no_grad(t, ctx).tolist()]

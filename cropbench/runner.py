@@ -1,11 +1,13 @@
 """Run one benchmark entry: resolve its recipe, pretrain, evaluate, write records.
 
+Every process of the launch (one; ``--nproc N`` spawned; or torchrun / srun / Slurm, joined) runs:
+
 recipe  = entry.recipe(variant, scale, overrides)     # validated, frozen
 preflight(spec, entry, ...)                            # every check that can fail, before training
 method  = METHODS[recipe.method](Config(recipe.params), backbone, ctx)
-result  = Trainer(method, dataset, recipe).fit()       # or torch.distributed workers (--nproc)
-metrics = EVALUATIONS[name].evaluate(encoder, Settings(recipe.eval[name]), EvalData)
-write_record(out, Record(entry, variant, scale, eval, seed, metrics, pretrain, provenance))
+result  = Trainer(method, dataset, recipe, ctx).fit()  # data-parallel over ctx = DistContext(rank, world)
+metrics = EVALUATIONS[name].evaluate(encoder, Settings(recipe.eval[name]), EvalData(dist=ctx))
+write_record(out, Record(...))                         # rank 0 only, as checkpoints and run locks
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,23 @@ import torch.distributed as dist
 
 from cropbench.backbones import build_backbone
 from cropbench.config import deep_merge, from_dict
-from cropbench.data import build_dataset, default_data_root, validate_dataset
-from cropbench.dist import DistContext, params_checksum, shutdown
+from cropbench.data import build_dataset, dataset_folder, default_data_root, validate_dataset
+from cropbench.dist import (
+    DistContext,
+    any_rank,
+    barrier,
+    broadcast_module,
+    gather_floats,
+    join_process_group,
+    params_checksum,
+    shutdown,
+)
 from cropbench.errors import ConfigError, CropbenchError, TrainingError
 from cropbench.evaluations.base import EvalData
+from cropbench.launch import LaunchEnv, free_port, launch_env, refuse_nproc
 from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.recipe import Entry, Recipe, flatten, load_entry
-from cropbench.registry import EVALUATIONS, METHODS
+from cropbench.registry import DATASETS, EVALUATIONS, METHODS
 from cropbench.trainer import CHECKPOINT, Trainer, TrainResult, read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +70,7 @@ class RunSpec:
     random_init: bool = False  # also evaluate the same encoder at its initialisation
     quiet: bool = False
     resume_strict: bool = False  # with resume: a missing checkpoint is an error, not a fresh start
+    command: str | None = None  # the command line records carry (None: this process's sys.argv)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,7 +140,9 @@ def method_context(recipe: Recipe, n_train: int, dist_ctx: DistContext) -> Metho
     spe = n_train // tc.batch_size
     if tc.max_steps_per_epoch:
         spe = min(spe, tc.max_steps_per_epoch)
-    return MethodContext(dist_ctx, max(1, spe), tc.epochs, tc.batch_size // dist_ctx.world_size)
+    return MethodContext(
+        dist_ctx, max(1, spe), tc.epochs, tc.batch_size // dist_ctx.world_size, recipe.data.num_workers
+    )
 
 
 def pretrain_local(
@@ -152,34 +167,19 @@ def pretrain_local(
 def _ddp_worker(
     recipe: Recipe, run_dir: Path, data_root: Path | None, device_name: str, resume: bool, where: str
 ) -> dict[str, float]:
-    """One torch.distributed process (launched by torch's elastic launcher, i.e. torchrun)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    try:
-        method, result = pretrain_local(
-            recipe, run_dir, data_root, device, DistContext(rank, world), resume, True, where
-        )
-        out = {**result.summary(), "params_checksum": params_checksum(method)}
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the other ranks may never reach it
-        raise
-    shutdown(DistContext(rank, world))  # barrier, then destroy (see cropbench.dist.shutdown)
-    return out
+    """One process of ``pretrain_distributed`` (launched by torchrun's launcher API)."""
 
+    def job(ctx: DistContext, device: torch.device) -> dict[str, float]:
+        method, result = pretrain_local(recipe, run_dir, data_root, device, ctx, resume, True, where)
+        check_in_sync(method, ctx, device)  # every rank raises if the ranks' weights differ
+        return result.summary()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return joined(_require_env(), device_name, job)
 
 
 def launch_all(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
     """Run ``worker(*args)`` on ``nproc`` local processes through torchrun's launcher API; every
-    rank's return value, by rank."""
+    rank's return value, by rank. Each worker finds RANK, WORLD_SIZE, ... in its environment."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     cfg = LaunchConfig(
@@ -188,22 +188,68 @@ def launch_all(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, 
         nproc_per_node=nproc,
         run_id=uuid.uuid4().hex,
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         start_method="spawn",
     )
     return elastic_launch(cfg, worker)(*args)
 
 
+def command_line() -> str:
+    """This process's command line, as records carry it (``python -m cropbench ...`` as typed)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "cropbench":
+        argv[0] = "python -m cropbench"
+    return " ".join(argv)
+
+
+def _require_env() -> LaunchEnv:
+    env = launch_env()
+    if env is None:
+        raise CropbenchError("a distributed worker was started without RANK / WORLD_SIZE in its environment")
+    return env
+
+
+def joined(env: LaunchEnv, device_name: str, job: Callable[[DistContext, torch.device], Any]) -> Any:
+    """Join the launch ``env`` describes (env://; NCCL on CUDA with LOCAL_RANK's device, gloo on
+    CPU), run ``job(ctx, device)`` in it, and leave the process group cleanly."""
+    env.export()
+    ctx, device = join_process_group(env.rank, env.world_size, env.local_rank, resolve_device(device_name))
+    try:
+        out = job(ctx, device)
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach it
+        raise
+    shutdown(ctx)  # barrier, then destroy (see cropbench.dist.shutdown)
+    return out
+
+
+def together(ctx: DistContext, device: torch.device, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every process; when it fails on any of them, every process raises (the failing
+    ones their own error), so no rank is left waiting in a collective for one that has exited."""
+    try:
+        out, err = fn(), None
+    except Exception as e:
+        out, err = None, e
+    if any_rank(err is not None, ctx, device) and err is None:
+        raise CropbenchError(f"another process of this launch failed (rank {ctx.rank} of {ctx.world_size} stops)")
+    if err is not None:
+        raise err
+    return out
+
+
+def check_in_sync(method: torch.nn.Module, ctx: DistContext, device: torch.device) -> None:
+    """Data-parallel ranks end with the same parameters (their sums, compared in float64)."""
+    sums = gather_floats(params_checksum(method), ctx, device)
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise TrainingError(f"data-parallel ranks ended with different weights (parameter sums {sums})")
+
+
 def pretrain_distributed(
     recipe: Recipe, run_dir: Path, data_root: Path | None, device: torch.device, nproc: int, resume: bool, where: str
 ) -> TrainResult:
-    """Data-parallel pretraining on ``nproc`` processes through torchrun's launcher API."""
-    results = launch_all(nproc, _ddp_worker, recipe, run_dir, data_root, device.type, resume, where)
-    sums = [results[r]["params_checksum"] for r in sorted(results)]
-    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-        raise TrainingError(f"data-parallel ranks ended with different weights (parameter sums {sums})")
-    s = results[0]
+    """Data-parallel pretraining alone on ``nproc`` local processes (torchrun's launcher API)."""
+    s = launch_all(nproc, _ddp_worker, recipe, run_dir, data_root, device.type, resume, where)[0]
     return TrainResult(
         s["loss_first"],
         s["loss_last"],
@@ -242,24 +288,33 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
 
-def _pretrain_seed(spec: RunSpec, recipe: Recipe, run_dir: Path, data_root: Path, device: torch.device, where: str):
-    """Pretrain one seed; returns (encoder, its initial state or None, TrainResult)."""
+def _pretrain_seed(
+    spec: RunSpec,
+    recipe: Recipe,
+    run_dir: Path,
+    data_root: Path,
+    device: torch.device,
+    where: str,
+    ctx: DistContext,
+) -> tuple[torch.nn.Module, dict[str, Any] | None, TrainResult]:
+    """Pretrain one seed on this process (one of ``ctx.world_size``); returns (encoder, its initial
+    state or None, TrainResult). With several processes the encoder is rank 0's on every process:
+    the checkpoint's weights, BatchNorm statistics included (per process on CPU)."""
     init_state: dict[str, Any] = {}
-    if spec.nproc > 1:
-        result = pretrain_distributed(recipe, run_dir, data_root, device, spec.nproc, spec.resume, where)
-        encoder = load_encoder(result.checkpoint, device)
-        if spec.random_init:  # the same seed builds the same initial weights
-            init_state = build_method(recipe, method_context(recipe, 10**9, DistContext()), where).encoder.state_dict()
-    else:
 
-        def keep(m: SSLMethod) -> None:
-            init_state.update(copy.deepcopy(m.encoder.state_dict()))
+    def keep(m: SSLMethod) -> None:  # the same seed builds the same initial weights on every rank
+        init_state.update(copy.deepcopy(m.encoder.state_dict()))
 
-        on_init = keep if spec.random_init else None
-        method, result = pretrain_local(
-            recipe, run_dir, data_root, device, DistContext(), spec.resume, spec.quiet, where, on_init
-        )
-        encoder = method.encoder
+    on_init = keep if spec.random_init else None
+    quiet = spec.quiet or not ctx.is_main
+    method, result = pretrain_local(recipe, run_dir, data_root, device, ctx, spec.resume, quiet, where, on_init)
+    encoder = method.encoder
+    if ctx.enabled:
+        check_in_sync(method, ctx, device)
+        encoder = build_backbone(recipe.backbone, **recipe.backbone_args)  # plain BN, as the checkpoint loads
+        encoder.load_state_dict(method.encoder.state_dict())
+        encoder = encoder.to(device)
+        broadcast_module(encoder, ctx)
     return encoder, (init_state if spec.random_init else None), result
 
 
@@ -397,22 +452,89 @@ def resolve_data_root(spec: RunSpec) -> Path:
     raise CropbenchError(f"--scale {spec.scale} reads real datasets: pass --data-root PATH or set CROPBENCH_DATA")
 
 
-def run(spec: RunSpec) -> list[Any]:
-    """Pretrain + evaluate every seed of one entry/variant; returns the records written.
+def run(spec: RunSpec) -> list[Any] | None:
+    """Pretrain + evaluate every seed of one entry/variant; returns the records written (None on
+    a process other than rank 0 of a distributed launch: it writes nothing).
 
-    Everything checkable is checked first (``preflight``); then every seed's run folder is locked
-    (a second run of the same folders is refused) and the seeds run one after another, each
-    writing its records as soon as they exist (a later failure never loses them)."""
+    One job, run by every process of the launch: one process; ``--nproc N`` spawned here; or the
+    processes of a launch this one joins (torchrun, srun, a submitted Slurm job: ``RANK`` /
+    ``WORLD_SIZE`` or an srun step in the environment). Everything checkable is checked first
+    (``preflight``, on every process); rank 0 locks every seed's run folder (a second run of the
+    same folders is refused) and writes checkpoints and records, each seed's as soon as they exist."""
+    env = launch_env()
+    refuse_nproc(spec.nproc, env)
+    if env is not None:
+        return joined(env, spec.device, lambda ctx, device: _run_job(spec, ctx, device, lock=True))
+    if spec.nproc > 1:
+        return _spawn_run(spec)
+    return _run_job(spec, DistContext(), resolve_device(spec.device), lock=True)
+
+
+def preflight_run(spec: RunSpec) -> tuple[tuple[str, ...], list[SeedPlan]]:
+    """``preflight`` for a launcher process that runs nothing itself (``--nproc``'s parent, a
+    Slurm submission): the evaluations and seed plans, checked; says nothing (the job will)."""
     entry = load_entry(spec.entry)
     evals = spec.evals or entry.evaluations
     _check_evals(entry, evals)
-    device, log = resolve_device(spec.device), _log(spec.quiet)
-    data_root = resolve_data_root(spec)
-    plans = preflight(spec, entry, evals, data_root, log)
+    resolve_device(spec.device)
+    return evals, preflight(spec, entry, evals, resolve_data_root(spec), _log(True))
+
+
+def _spawn_run(spec: RunSpec) -> list[Any]:
+    """``--nproc N``: check and lock here, then the whole job on N spawned processes; rank 0's records."""
+    _, plans = preflight_run(spec)
     with contextlib.ExitStack() as locks:
         for plan in plans:
             locks.enter_context(run_lock(plan.run_dir))
-        return [rec for plan in plans for rec in _run_seed(spec, entry, evals, plan, data_root, device, log)]
+        command = spec.command or command_line()
+        return launch_all(spec.nproc, _run_worker, replace(spec, command=command))[0]
+
+
+def _run_worker(spec: RunSpec) -> list[Any] | None:
+    """One ``--nproc`` process: joins the spawned launch and runs the whole job (the parent holds the locks)."""
+    return joined(_require_env(), spec.device, lambda ctx, device: _run_job(spec, ctx, device, lock=False))
+
+
+def _run_job(spec: RunSpec, ctx: DistContext, device: torch.device, lock: bool) -> list[Any] | None:
+    """The job every process of the launch runs: preflight, then each seed's pretraining and
+    evaluations with ``ctx``. Rank 0 alone locks, logs and writes; it returns the records."""
+    entry = load_entry(spec.entry)
+    evals = spec.evals or entry.evaluations
+    log = _log(spec.quiet or not ctx.is_main)
+    data_root = resolve_data_root(spec)
+
+    def check() -> list[SeedPlan]:
+        _check_evals(entry, evals)
+        return preflight(spec, entry, evals, data_root, log)
+
+    plans = together(ctx, device, check)
+    with contextlib.ExitStack() as locks:
+        mine = lock and ctx.is_main  # with --nproc the spawning parent holds the locks
+        together(ctx, device, lambda: [locks.enter_context(run_lock(p.run_dir)) for p in plans if mine])
+        datasets = [plans[0].recipe.data.dataset, *_eval_datasets(entry, evals, plans[0].recipe)]
+        materialise(datasets, data_root, spec.scale, ctx, device)
+        records = [rec for plan in plans for rec in _run_seed(spec, entry, evals, plan, data_root, device, log, ctx)]
+    return records if ctx.is_main else None
+
+
+def _eval_datasets(entry: Entry, evals: tuple[str, ...], recipe: Recipe) -> list[str]:
+    """The datasets the evaluations read (their settings are valid: preflight checked them)."""
+    where = f"{entry.path} ({recipe.data.dataset})"
+    return [eval_settings(name, recipe, entry.modality, where).dataset for name in evals]
+
+
+def materialise(names: list[str], data_root: Path, scale: str, ctx: DistContext, device: torch.device) -> None:
+    """Rank 0 generates the embedded synthetic datasets the job reads (atomically), the others wait
+    for it: on a shared file system they then find them complete instead of generating them again."""
+
+    def make() -> None:
+        if ctx.is_main:
+            for name in dict.fromkeys(names):
+                if DATASETS.get(name).synthetic:
+                    dataset_folder(name, data_root, scale)
+
+    together(ctx, device, make)
+    barrier(ctx)
 
 
 def _run_seed(
@@ -423,32 +545,31 @@ def _run_seed(
     data_root: Path,
     device: torch.device,
     log: Callable[[str], None],
+    ctx: DistContext,
 ) -> list[Any]:
-    """Pretrain one seed, evaluate it (and its random init), write one record per evaluation."""
-    from cropbench.records import Record, collect_provenance, protocol_provenance, write_record
-
+    """Pretrain one seed, evaluate it (and its random init) on every process of the launch; rank 0
+    writes one record per evaluation (the others return no records)."""
     seed, recipe, run_dir = plan.seed, plan.recipe, plan.run_dir
     where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
     tag = f"[{entry.name}/{spec.variant} seed {seed}]"
+    procs = f", {ctx.world_size} processes" if ctx.enabled else ""
     log(
         f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({recipe.train.epochs} epochs, "
-        f"batch {recipe.train.batch_size}, {device}) -> {run_dir}"
+        f"batch {recipe.train.batch_size}, {device}{procs}) -> {run_dir}"
     )
     t0 = time.perf_counter()
-    encoder, init_state, result = _pretrain_seed(spec, recipe, run_dir, data_root, device, where)
+    encoder, init_state, result = _pretrain_seed(spec, recipe, run_dir, data_root, device, where, ctx)
     log(
         f"{tag} pretrained in {time.perf_counter() - t0:.1f}s: loss {result.loss_first:.4f} -> "
         f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
     )
     cache = Path(spec.work_dir) / "cache"
-    data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, DistContext(), log)
+    data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, ctx, log)
     encoders = [(spec.variant, encoder, result.summary())]
     if init_state is not None:
         rand = copy.deepcopy(encoder)
         rand.load_state_dict(init_state)
         encoders.append((spec.variant + RANDOM_INIT, rand, {}))  # a random-init encoder had no pretraining
-    overrides = overrides_of(entry, spec, recipe)
-    cfg = method_config(recipe, where)
     records = []
     for name in evals:
         settings = eval_settings(name, recipe, entry.modality, where)
@@ -456,25 +577,45 @@ def _run_seed(
             t1 = time.perf_counter()
             metrics = {k: float(v) for k, v in EVALUATIONS.get(name).evaluate(enc, settings, data).items()}
             wall = time.perf_counter() - t1
-            prov = {
-                **collect_provenance(recipe.to_dict(), str(device), " ".join(sys.argv)),
-                "overrides": overrides,
-                **protocol_provenance(name, settings, cfg),
-            }
-            rec = Record(entry.name, variant, spec.scale, name, seed, metrics, pre, wall, prov)
-            path = write_record(Path(spec.out), rec)
-            shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
-            log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
-            records.append(rec)
+            if ctx.is_main:
+                rec, path = _write_run_record(
+                    spec, entry, plan, name, settings, variant, metrics, pre, wall, device, ctx
+                )
+                records.append(rec)
+                shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+                log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
     return records
 
 
+def _write_run_record(
+    spec: RunSpec,
+    entry: Entry,
+    plan: SeedPlan,
+    name: str,
+    settings: Any,
+    variant: str,
+    metrics: dict[str, float],
+    pretrain: dict[str, float],
+    wall: float,
+    device: torch.device,
+    ctx: DistContext,
+) -> tuple[Any, Path]:
+    """One record of ``run`` (rank 0's metrics), written atomically; (record, its path)."""
+    from cropbench.records import Record, collect_provenance, protocol_provenance, write_record
+
+    recipe = plan.recipe
+    where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
+    prov = {
+        **collect_provenance(recipe.to_dict(), str(device), spec.command or command_line()),
+        "overrides": overrides_of(entry, spec, recipe),
+        "world_size": ctx.world_size,
+        **protocol_provenance(name, settings, method_config(recipe, where)),
+    }
+    rec = Record(entry.name, variant, spec.scale, name, plan.seed, metrics, pretrain, wall, prov)
+    return rec, write_record(Path(spec.out), rec)
+
+
 # ---------------------------------------------------------------- cropbench eval
-def _launch(nproc: int, worker: Callable[..., Any], *args: Any) -> Any:
-    """Run ``worker(*args)`` on ``nproc`` local processes (torchrun's launcher); rank 0's result."""
-    return launch_all(nproc, worker, *args)[0]
-
-
 @dataclass(frozen=True)
 class EvalSpec:
     """``cropbench eval WEIGHTS``: evaluate a checkpoint (ours or a paper's release) without pretraining."""
@@ -493,6 +634,7 @@ class EvalSpec:
     work_dir: Path = Path("runs")  # feature caches
     overrides: dict[str, Any] = field(default_factory=dict)  # eval.<name>.<key> only
     quiet: bool = False
+    command: str | None = None  # the command line records carry (None: this process's sys.argv)
 
 
 @dataclass(frozen=True)
@@ -595,26 +737,66 @@ def preflight_eval(spec: EvalSpec, entry: Entry, evals: tuple[str, ...], data_ro
     )
 
 
-def evaluate_weights(spec: EvalSpec) -> list[Any]:
+def evaluate_weights(spec: EvalSpec) -> list[Any] | None:
     """Evaluate WEIGHTS under an entry's evaluation protocols; one record per evaluation, written
     as soon as it exists to the same layout as ``run``'s, carrying the weights' provenance and the
-    resolved protocol."""
+    resolved protocol. Every process of the launch (one, ``--nproc N``, or a torchrun / srun /
+    Slurm launch it joins) loads the weights and evaluates with ``data.dist`` set; rank 0 writes
+    the records and returns them (the other processes return None)."""
+    env = launch_env()
+    refuse_nproc(spec.nproc, env)
+    if env is not None:
+        return joined(env, spec.device, lambda ctx, device: _eval_job(spec, ctx, device))
+    if spec.nproc > 1:  # check here first, then every process checks and evaluates
+        preflight_eval_spec(spec)
+        command = spec.command or command_line()
+        return launch_all(spec.nproc, _eval_worker, replace(spec, command=command))[0]
+    return _eval_job(spec, DistContext(), resolve_device(spec.device))
+
+
+def preflight_eval_spec(spec: EvalSpec) -> tuple[EvalPlan, Path]:
+    """``preflight_eval`` for a launcher process that evaluates nothing itself: (plan, data root)."""
     entry = load_entry(spec.entry)
     evals = spec.evals or entry.evaluations
     _check_evals(entry, evals)
-    device, log = resolve_device(spec.device), _log(spec.quiet)
+    resolve_device(spec.device)
     data_root = resolve_data_root(RunSpec(spec.entry, scale=spec.scale, data_root=spec.data_root))
-    plan = preflight_eval(spec, entry, evals, data_root)
+    return preflight_eval(spec, entry, evals, data_root), data_root
+
+
+def _eval_worker(spec: EvalSpec) -> list[Any] | None:
+    """One ``cropbench eval --nproc`` process: joins the spawned launch and runs the whole job."""
+    return joined(_require_env(), spec.device, lambda ctx, device: _eval_job(spec, ctx, device))
+
+
+def _eval_job(spec: EvalSpec, ctx: DistContext, device: torch.device) -> list[Any] | None:
+    """What every process of ``cropbench eval`` runs: preflight (reads the weights), then each
+    evaluation with ``ctx`` (fine-tunes train data-parallel); rank 0 writes the records."""
+    entry = load_entry(spec.entry)
+    evals = spec.evals or entry.evaluations
+    log = _log(spec.quiet or not ctx.is_main)
+    data_root = resolve_data_root(RunSpec(spec.entry, scale=spec.scale, data_root=spec.data_root))
+
+    def check() -> EvalPlan:
+        _check_evals(entry, evals)
+        return preflight_eval(spec, entry, evals, data_root)
+
+    plan = together(ctx, device, check)
     kind = "external" if plan.external else "cropbench"
     log(f"[{entry.name}/{spec.variant}] {kind} weights {plan.weights['file']} ({plan.weights['format']})")
-    job = _EvalJob(spec, plan.recipe, plan.seed, plan.settings, data_root, device.type)
-    if spec.nproc > 1:  # every process evaluates (fine-tunes train data-parallel); rank 0's numbers
-        results = _launch(spec.nproc, _eval_worker, job)
-        return [_write_eval_record(entry, plan, name, *results[name], device, log) for name in evals]
-    data, encoder = _eval_data(job, DistContext(), device, log), plan.encoder.to(device)
-    return [
-        _write_eval_record(entry, plan, name, *_evaluate_one(name, job, encoder, data), device, log) for name in evals
-    ]
+    materialise([s.dataset for s in plan.settings.values()], data_root, spec.scale, ctx, device)
+    cache = Path(spec.work_dir) / "cache"
+    data = EvalData(data_root, device, cache, plan.seed, plan.recipe.data.num_workers, spec.scale, ctx, log)
+    encoder, records = plan.encoder.to(device), []
+    for name in evals:
+        t0 = time.perf_counter()
+        metrics = {k: float(v) for k, v in EVALUATIONS.get(name).evaluate(encoder, plan.settings[name], data).items()}
+        if ctx.is_main:
+            command = spec.command or command_line()
+            records.append(
+                _write_eval_record(entry, plan, name, metrics, time.perf_counter() - t0, device, ctx, command, log)
+            )
+    return records if ctx.is_main else None
 
 
 def _write_eval_record(
@@ -624,14 +806,17 @@ def _write_eval_record(
     metrics: dict[str, float],
     wall: float,
     device: torch.device,
+    ctx: DistContext,
+    command: str,
     log: Callable[[str], None],
 ) -> Any:
     from cropbench.records import Record, collect_provenance, protocol_provenance, write_record
 
     where = f"{entry.path} (variant {plan.variant!r}, scale {plan.scale!r})"
     prov = {
-        **collect_provenance(plan.recipe.to_dict(), str(device), " ".join(sys.argv)),
+        **collect_provenance(plan.recipe.to_dict(), str(device), command),
         "overrides": plan.overrides,
+        "world_size": ctx.world_size,
         **protocol_provenance(name, plan.settings[name], method_config(plan.recipe, where)),
         "weights": plan.weights,
         "external_weights": plan.external,
@@ -641,52 +826,3 @@ def _write_eval_record(
     shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
     log(f"[{entry.name}/{plan.variant}] {name}: {shown} ({wall:.1f}s) -> {path}")
     return rec
-
-
-@dataclass(frozen=True)
-class _EvalJob:
-    """What every process of ``cropbench eval`` needs (picklable for ``--nproc`` workers)."""
-
-    spec: EvalSpec
-    recipe: Recipe
-    seed: int
-    settings: dict[str, Any]
-    data_root: Path
-    device: str
-
-
-def _eval_data(job: _EvalJob, ctx: DistContext, device: torch.device, log: Callable[[str], None]) -> EvalData:
-    cache = Path(job.spec.work_dir) / "cache"
-    return EvalData(job.data_root, device, cache, job.seed, job.recipe.data.num_workers, job.spec.scale, ctx, log)
-
-
-def _evaluate_one(name: str, job: _EvalJob, encoder: torch.nn.Module, data: EvalData) -> tuple[dict[str, float], float]:
-    """One evaluation of the job: (metrics, wall seconds)."""
-    t0 = time.perf_counter()
-    metrics = EVALUATIONS.get(name).evaluate(encoder, job.settings[name], data)
-    return {k: float(v) for k, v in metrics.items()}, time.perf_counter() - t0
-
-
-def _eval_worker(job: _EvalJob) -> dict[str, tuple[dict[str, float], float]]:
-    """One ``cropbench eval --nproc`` process: loads the weights itself, evaluates with
-    ``data.dist`` set (the fine-tuning evaluations train data-parallel; rank 0's numbers are kept)."""
-    from cropbench.weights import load_external_encoder
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device(job.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    ctx = DistContext(rank, world)
-    try:
-        rec = job.recipe
-        encoder, _ = load_external_encoder(job.spec.weights, rec.backbone, rec.backbone_args, job.spec.format)
-        data = _eval_data(job, ctx, device, _log(job.spec.quiet or rank > 0))
-        encoder = encoder.to(device)
-        out = {name: _evaluate_one(name, job, encoder, data) for name in job.settings}
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    shutdown(ctx)
-    return out
