@@ -47,36 +47,45 @@ class LARS(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _adapted(p: Tensor, group: dict[str, Any]) -> Tensor:
-        """The weight-decayed gradient scaled by the trust ratio (raw gradient for lars=False)."""
-        g = p.grad
-        if not group["lars"]:
-            return g
-        g = g.add(p, alpha=group["weight_decay"])
-        w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-        trust = torch.where(
-            (w_norm > 0) & (g_norm > 0),
-            group["trust_coefficient"] * w_norm / g_norm,
-            torch.ones_like(w_norm),
-        )
-        return g.mul(trust)
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: ARG002 - closure unused, as in SGD without it
+        """One update of every group, with ``torch._foreach_*`` ops over the group's parameters
+        (one call per operation instead of a Python loop over parameters)."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = self._adapted(p, group)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.clone(u).detach()
-                else:
-                    buf.mul_(group["momentum"]).add_(u)
-                update = u.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                p.add_(update, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                u = self._adapted(params, group)
+                bufs = self._momentum(params, u, group["momentum"])
+                updates = torch._foreach_add(u, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+                torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    @staticmethod
+    def _adapted(params: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        """u = trust * ||w|| / ||d|| * d with d = g + wd * w, per parameter (u = g for lars=False).
+
+        The trust ratio falls back to 1 where ||w|| or ||d|| is 0 (a zero-initialised parameter)."""
+        grads = [p.grad for p in params]
+        if not group["lars"]:
+            return grads
+        d = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))
+        ratio = torch.where(
+            (w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm)
+        )
+        torch._foreach_mul_(d, ratio.unbind())  # on the device: no host sync
+        return d
+
+    def _momentum(self, params: list[Tensor], u: list[Tensor], momentum: float) -> list[Tensor]:
+        """buf = momentum * buf + u (buf = u at a parameter's first step); the buffers, in order."""
+        old = [self.state[p].get("momentum_buffer") for p in params]
+        live = [i for i, b in enumerate(old) if b is not None]
+        if live:
+            torch._foreach_mul_([old[i] for i in live], momentum)
+            torch._foreach_add_([old[i] for i in live], [u[i] for i in live])
+        for i, p in enumerate(params):
+            if old[i] is None:
+                old[i] = self.state[p]["momentum_buffer"] = torch.clone(u[i]).detach()
+        return old
 
 
 def scale_gradients(optimizer: torch.optim.Optimizer, *_: Any) -> None:

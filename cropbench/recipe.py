@@ -34,6 +34,7 @@ class DataConfig:
     num_workers: int = 0  # decode workers; 0 keeps micro runs single-process and deterministic
     train_split: str = "train"
     limit: int | None = None  # use only the first N training samples (debugging, smoke tests)
+    prefetch_factor: int = 2  # batches each worker loads ahead (num_workers > 0; torch's default)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class TrainConfig:
     log_every: int = 10
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     grad_clip: float | None = None
+    compile: bool = False  # torch.compile the method's backbone and heads while it trains
+
+
+# Settings that change speed, never the trained weights: left out of ``Recipe.pretrain_hash`` so a
+# run can be resumed with them changed (and checkpoints written before they existed still resume).
+RUNTIME_ONLY = (("train", "compile"), ("data", "prefetch_factor"))
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,13 @@ class Recipe:
 
     def pretrain_hash(self) -> str:
         """Identity of the pretrained weights (checkpoints, ``--resume``): the recipe without
-        ``eval`` (evaluation settings) and ``deviations`` (notes), which do not change training;
-        so fixing an evaluation setting can resume from the pretrained checkpoint."""
-        return _hash({k: v for k, v in self.to_dict().items() if k not in ("eval", "deviations")})
+        ``eval`` (evaluation settings), ``deviations`` (notes) and the ``RUNTIME_ONLY`` speed
+        settings, which do not change training; so fixing an evaluation setting, or turning
+        ``train.compile`` on, can resume from the pretrained checkpoint."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("eval", "deviations")}
+        for section, key in RUNTIME_ONLY:  # speed settings (torch.compile, prefetching)
+            data[section].pop(key)
+        return _hash(data)
 
 
 def _hash(data: dict) -> str:
@@ -118,6 +129,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.trust_coefficient": _POSITIVE,
     "data.image_size": (_at_least(1), "an integer >= 1"),
     "data.num_workers": (_at_least(0), "an integer >= 0"),
+    "data.prefetch_factor": (_at_least(1), "an integer >= 1"),
     "data.limit": (_optional(_at_least(1)), "null (all samples) or an integer >= 1"),
 }
 

@@ -5,14 +5,18 @@
         for batch in loader:                         # uint8 canvases / clips
             lr = schedule(step)
             out = method.training_step(batch, step, views_rng(step))   # views + loss
-            out.loss.backward(); all_reduce(grads); optimizer.step()
+            out.loss.backward(); optimizer.step()     # DDP all-reduces during backward
             method.after_step(step)                  # momentum encoders
         save_checkpoint(epoch)                       # atomic, every epoch
 
 Determinism: the data order is a function of (seed, epoch) and the view randomness a function of
 (seed, global step, rank), so ``--resume`` continues exactly where an uninterrupted run would be
-(bit-identical on CPU). Data-parallel: gradients are all-reduced explicitly (one flat buffer);
-BatchNorm follows each method's ``batchnorm`` declaration (its official code): "sync" methods are
+(bit-identical on CPU); persistent loader workers (``data.num_workers > 0``) are built once per
+``fit`` and receive the epoch with every index (``EpochSampler``), so a dataset's ``set_epoch``
+holds inside them too. Data-parallel: the step runs under ``DistributedDataParallel``
+(``StepModule``: its forward is the method's ``training_step``), whose bucketed all-reduce overlaps
+backward; ``train.compile`` compiles the method's backbone and heads while it trains. BatchNorm
+follows each method's ``batchnorm`` declaration (its official code): "sync" methods are
 converted to SyncBN on CUDA; on CPU (gloo) torch's SyncBN has no kernel, so their BN stays per
 process there (a warning says so). "shuffle" (MoCo family) does shuffle-BN in the method, "local"
 is per process.
@@ -26,25 +30,28 @@ windows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from tqdm import tqdm
 
 from cropbench.data.images import collate_images
-from cropbench.dist import DistContext, all_reduce_grads, all_reduce_mean
+from cropbench.dist import DistContext, all_reduce_mean
 from cropbench.errors import CheckpointError, TrainingError
-from cropbench.methods.base import SSLMethod
+from cropbench.methods.base import SSLMethod, StepOutput
 from cropbench.optim import build_optimizer, lr_at, named_params, set_lr
 from cropbench.recipe import Recipe
 
@@ -101,6 +108,107 @@ def convert_batchnorm(method: SSLMethod, device: torch.device, dist: DistContext
             file=sys.stderr,
         )
     return method
+
+
+class StepModule(nn.Module):
+    """What ``DistributedDataParallel`` wraps: its forward is the method's ``training_step`` (methods
+    train there, not in ``forward``), so DDP's gradient hooks see each step's autograd graph."""
+
+    def __init__(self, method: SSLMethod):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: Any, step: int, generator: torch.Generator) -> StepOutput:
+        return self.method.training_step(batch, step, generator)
+
+
+def wrap_data_parallel(method: SSLMethod, dist: DistContext) -> nn.Module:
+    """``StepModule(method)``, under DDP when several processes train.
+
+    broadcast_buffers=False: each process keeps its own buffers (BN statistics per process as the
+    method's ``batchnorm`` declares; MoCo queues are filled with all processes' keys by the method),
+    and none is broadcast at construction either (torch's replacement, forward_sync_buffers=False,
+    still would). find_unused_parameters as the method declares it (``ddp_find_unused_parameters``:
+    VideoMoCo's generator has no gradient before ``adversarial_from``); DDP then marks such
+    parameters ready and leaves one that no process used untouched, as the optimizer skipped it."""
+    module = StepModule(method)
+    if not dist.enabled:
+        return module
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        return DistributedDataParallel(
+            module, broadcast_buffers=False, find_unused_parameters=method.ddp_find_unused_parameters
+        )
+
+
+def compile_modules(method: SSLMethod) -> list[nn.Module]:
+    """``torch.compile`` each top-level module of the method that holds parameters (backbone,
+    heads, momentum copies), in place: state_dict keys stay as they are. Returns them, to undo."""
+    mods = [m for _, m in method.named_children() if any(True for _ in m.parameters())]
+    for m in mods:
+        m.compile()
+    return mods
+
+
+def uncompile_modules(mods: list[nn.Module]) -> None:
+    """Back to eager after training, so evaluations run the checkpoint's eager model (the same
+    numbers as ``cropbench eval`` of that checkpoint). ``nn.Module.compile`` keeps its compiled
+    callable in ``_compiled_call_impl``; None restores the eager ``__call__``."""
+    for m in mods:
+        m._compiled_call_impl = None
+
+
+class EpochSampler(Sampler):
+    """``(epoch, index)`` pairs: the data order of an epoch, a function of (seed, epoch) only, cut
+    to the samples the epoch's steps use. ``set_epoch`` before each epoch.
+
+    One process: the order of ``RandomSampler`` with a generator seeded by (seed, epoch) (the same
+    indices as a loader rebuilt every epoch); several: ``DistributedSampler``'s shard. The epoch
+    travels with each index because persistent workers hold their own copy of the dataset
+    (``EpochIndexed`` sets it there)."""
+
+    def __init__(self, n: int, seed: int, dist: DistContext, limit: int):
+        self.n, self.seed, self.dist, self.limit = n, seed, dist, limit
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> Sampler:
+        if self.dist.enabled:
+            order = DistributedSampler(
+                range(self.n), self.dist.world_size, self.dist.rank, shuffle=True, seed=self.seed, drop_last=True
+            )
+            order.set_epoch(self.epoch)
+            return order
+        return RandomSampler(range(self.n), generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
+
+    def __iter__(self) -> Any:
+        epoch, order = self.epoch, self._order()
+        return ((epoch, i) for i in itertools.islice(order, len(self)))
+
+    def __len__(self) -> int:
+        shard = self.n // self.dist.world_size if self.dist.enabled else self.n
+        return min(shard, self.limit)
+
+
+class EpochIndexed(Dataset):
+    """Reads ``EpochSampler``'s ``(epoch, index)`` keys: calls the dataset's ``set_epoch`` (if it
+    has one) whenever the epoch changes, in whichever process holds this copy."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[index]
 
 
 class LogWindow:
@@ -242,29 +350,35 @@ class Trainer:
         self.base_lr = recipe.optim.lr * tc.batch_size / recipe.optim.base_batch
         self.optimizer = build_optimizer(method.param_groups(), named_params(method), recipe.optim, self.base_lr)
         self.state = _State()
+        self.step_module = wrap_data_parallel(method, dist_ctx)  # after .to(device) and SyncBN
+        self._epoch_hook = type(method).on_epoch_start is not SSLMethod.on_epoch_start
+        self._data: DataLoader | None = None
 
     # ----------------------------------------------------------------- data
     def _loader(self, epoch: int) -> DataLoader:
-        seed = self.recipe.train.seed
+        """The epoch's loader: built once per ``fit`` (its workers persist), rebuilt every epoch
+        for a method with an ``on_epoch_start`` hook, which may change its dataset (CYBORGS
+        regenerates masks) where persistent workers would keep a stale copy."""
         if hasattr(self.train_dataset, "set_epoch"):
             self.train_dataset.set_epoch(epoch)
-        if self.dist.enabled:
-            sampler = DistributedSampler(
-                self.train_dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed, drop_last=True
-            )
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(self.train_dataset, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
-        nw = self.recipe.data.num_workers
+        if self._data is None or self._epoch_hook:
+            self._data = self._build_loader()
+        self._data.sampler.set_epoch(epoch)
+        return self._data
+
+    def _build_loader(self) -> DataLoader:
+        dc = self.recipe.data
+        n, limit = len(self.train_dataset), self.steps_per_epoch * self.local_batch
         return DataLoader(
-            self.train_dataset,
+            EpochIndexed(self.train_dataset),
             batch_size=self.local_batch,
-            sampler=sampler,
+            sampler=EpochSampler(n, self.recipe.train.seed, self.dist, limit),
             drop_last=True,
-            num_workers=nw,
+            num_workers=dc.num_workers,
             collate_fn=getattr(self.train_dataset, "collate", collate_images),
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=dc.num_workers > 0 and not self._epoch_hook,
+            prefetch_factor=dc.prefetch_factor if dc.num_workers > 0 else None,
         )
 
     # ----------------------------------------------------------- checkpoint
@@ -334,10 +448,9 @@ class Trainer:
         batch = batch.to(self.device)
         gen = views_generator(tc.seed, s.step, self.dist.rank, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and tc.amp):
-            out = self.method.training_step(batch, s.step, gen)
+            out = self.step_module(batch, s.step, gen)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        all_reduce_grads(self.method.parameters(), self.dist)
+        out.loss.backward()  # under DDP the gradients are averaged over processes here
         if tc.grad_clip:
             nn.utils.clip_grad_norm_(self.method.parameters(), tc.grad_clip)
         self.optimizer.step()
@@ -411,11 +524,16 @@ class Trainer:
         if resume:
             self.load()
         tc = self.recipe.train
-        for epoch in range(self.state.epoch, tc.epochs):
-            self.method.train()
-            self.method.on_epoch_start(epoch, self)
-            self._epoch(epoch)
-            self._save()
+        compiled = compile_modules(self.method) if tc.compile else []
+        try:
+            for epoch in range(self.state.epoch, tc.epochs):
+                self.method.train()
+                self.method.on_epoch_start(epoch, self)
+                self._epoch(epoch)
+                self._save()
+        finally:
+            uncompile_modules(compiled)
+            self._data = None  # ends persistent workers
         s = self.state
         return TrainResult(
             s.loss_first,

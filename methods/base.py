@@ -101,6 +101,7 @@ class MethodContext:
     steps_per_epoch: int = 1
     epochs: int = 1
     batch_size: int = 1  # per process
+    num_workers: int = 0  # data.num_workers: decode workers for a method's own passes over the data (CYBORGS masks)
 
     @property
     def total_steps(self) -> int:
@@ -119,6 +120,10 @@ class SSLMethod(nn.Module, abc.ABC):
     # processes (global BN), "shuffle" = MoCo's shuffle-BN for the key encoder and per-process BN
     # elsewhere, "local" = per-process BN. On CPU (gloo) torch has no SyncBN: "sync" runs local.
     batchnorm: ClassVar[str] = "local"
+    # Whether some steps leave trainable parameters without a gradient (VideoMoCo's frame generator
+    # before ``adversarial_from``): DDP then walks each step's autograd graph to find them, a cost
+    # the other methods skip (tests/test_ddp.py trains every registered method under DDP).
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, backbone: nn.Module, ctx: MethodContext):
         super().__init__()

@@ -107,6 +107,7 @@ def decayed_info_nce(q: Tensor, k: Tensor, queue: Tensor, age: Tensor, decay: fl
 class VideoMoCo(VideoMoCoV2):
     # shuffle-BN, no SyncBN [tinapan-pt/VideoMoCo@0ed0a13 moco/builder.py _batch_shuffle_ddp]
     batchnorm = "shuffle"
+    ddp_find_unused_parameters = True  # the frame generator gets no gradient before adversarial_from
 
     @dataclass(frozen=True)
     class Config:
