@@ -247,6 +247,13 @@ def submit_and_say(fn: Callable[..., Any], spec: Any, opts: SlurmOptions, name: 
 @click.option(
     "--random-init/--no-random-init", default=False, help="Also evaluate the same encoder at its random initialisation."
 )
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the backbone and heads (sets train.compile=true; a speed setting: "
+    "records are not marked modified and --resume accepts it).",
+)
 @click.option("--quiet", is_flag=True)
 @launch_options
 def run(
@@ -264,6 +271,7 @@ def run(
     sets: tuple[str, ...],
     split: str | None,
     random_init: bool,
+    compile_: bool,
     quiet: bool,
     **launch: Any,
 ) -> None:
@@ -277,6 +285,8 @@ def run(
 
     e = load_entry(entry)
     overrides = parse_overrides(sets)
+    if compile_:
+        overrides.setdefault("train", {})["compile"] = True
     if split is not None:
         for name in evals or e.evaluations:
             overrides.setdefault("eval", {}).setdefault(name, {})["split"] = split

@@ -45,7 +45,7 @@ from cropbench.errors import ConfigError, CropbenchError, TrainingError
 from cropbench.evaluations.base import EvalData
 from cropbench.launch import LaunchEnv, free_port, launch_env, refuse_nproc
 from cropbench.methods.base import MethodContext, SSLMethod
-from cropbench.recipe import Entry, Recipe, flatten, load_entry
+from cropbench.recipe import RUNTIME_ONLY, Entry, Recipe, flatten, load_entry
 from cropbench.registry import DATASETS, EVALUATIONS, METHODS
 from cropbench.trainer import CHECKPOINT, Trainer, TrainResult, read_checkpoint
 
@@ -437,10 +437,13 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def overrides_of(entry: Entry, spec: RunSpec, recipe: Recipe) -> dict[str, Any]:
     """The ``--set`` (and ``--split``) keys that change the resolved recipe: key path -> value.
-    Records carry them; tables mark such records and ``check`` keeps them from paper references."""
+    Records carry them; tables mark such records and ``check`` keeps them from paper references.
+    Speed-only settings (``RUNTIME_ONLY``: train.compile, data.prefetch_factor) do not count."""
     base = flatten(entry.recipe(spec.variant, spec.scale, {"train": {"seed": recipe.train.seed}}).to_dict())
     resolved = flatten(recipe.to_dict())
-    return {k: resolved.get(k) for k in sorted(flatten(spec.overrides)) if base.get(k) != resolved.get(k)}
+    speed = {f"{section}.{key}" for section, key in RUNTIME_ONLY}
+    keys = sorted(set(flatten(spec.overrides)) - speed)
+    return {k: resolved.get(k) for k in keys if base.get(k) != resolved.get(k)}
 
 
 def resolve_data_root(spec: RunSpec) -> Path:

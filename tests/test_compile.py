@@ -56,6 +56,20 @@ def test_compile_is_not_part_of_the_checkpoint_identity() -> None:
     assert base.hash() != on.hash()  # the record still says it was compiled
 
 
+def test_speed_settings_do_not_mark_a_record_modified() -> None:
+    """``--compile`` / ``--set data.prefetch_factor=4`` are speed settings: a record made with them
+    is not "modified" (it may stand against references); a training setting beside them still is."""
+    from cropbench.recipe import load_entry
+    from cropbench.runner import RunSpec, overrides_of
+
+    entry = load_entry("simclr")
+    sets = {"train": {"compile": True, "epochs": 3}, "data": {"prefetch_factor": 4}}
+    spec = RunSpec("simclr", overrides=sets)
+    recipe = entry.recipe("default", "micro", sets)
+    assert recipe.train.compile and recipe.data.prefetch_factor == 4
+    assert overrides_of(entry, spec, recipe) == {"train.epochs": 3}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not RUN, reason="inductor compiles for minutes on a 2-core CPU; set CROPBENCH_COMPILE_TEST=1")
 def test_compiled_training_matches_eager_and_resumes_eager(tmp_path: Path, data_root: Path) -> None:
