@@ -9,6 +9,11 @@
                vs an EMA target
     every N epochs (on_epoch_start): masks <- k-means of the online network's features, jointly
                over groups of G images, K ~ U[k_lo, k_hi]; saved as <run_dir>/masks/round_RRR.pt
+               (written atomically)
+
+Every pass over the training images (checksums, each round's features) decodes them through a
+DataLoader with the recipe's ``data.num_workers`` workers, in index order: the masks do not depend
+on the number of workers.
 
 Masks are stored at the resolution they were clustered at (a grid that divides the canvas) and
 nearest-upsampled per sample, which is what the official code does once on disk. Bad input: a mask
@@ -28,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cropbench.data import DatasetSpec, register_dataset
@@ -94,10 +99,21 @@ def cluster_group(feats: Tensor, k_range: tuple[int, int], iters: int, generator
 FeatureFn = Callable[[Tensor], Tensor]  # uint8 G×3×S×S canvases -> G×D×h×w features
 
 
-def canvas_batches(dataset: Any, batch: int = 256) -> Iterator[Tensor]:
-    """The dataset's uint8 canvases in index order, ``batch`` at a time (B×3×S×S)."""
-    for start in range(0, len(dataset), batch):
-        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch, len(dataset)))])
+def canvas_batches(dataset: Any, batch: int = 256, num_workers: int = 0, pin_memory: bool = False) -> Iterator[Tensor]:
+    """The dataset's uint8 canvases in index order, ``batch`` at a time (B×3×S×S).
+
+    Decoded by ``num_workers`` DataLoader worker processes (0: in this one, the recipe's
+    ``data.num_workers``); the DataLoader keeps index order, so the batches do not depend on it.
+    """
+    loader = DataLoader(
+        dataset, batch, shuffle=False, num_workers=num_workers, collate_fn=stack_canvases, pin_memory=pin_memory
+    )
+    yield from loader
+
+
+def stack_canvases(samples: list[tuple[Any, ...]]) -> Tensor:
+    """Collate only the canvases of (canvas, label, index, ...) samples. -> B×3×S×S uint8."""
+    return torch.stack([s[0] for s in samples])
 
 
 def checksum(images: Tensor) -> Tensor:
@@ -114,11 +130,15 @@ def compute_masks(
     iters: int,
     generator: torch.Generator,
     device: torch.device,
+    num_workers: int = 0,
 ) -> Tensor:
-    """k-means masks for the whole dataset, groups of ``group`` images in index order. -> N×h×w."""
+    """k-means masks for the whole dataset, groups of ``group`` images in index order. -> N×h×w.
+
+    The canvases are decoded by ``num_workers`` DataLoader workers; the masks do not depend on it.
+    """
     out = []
-    for images in canvas_batches(dataset, 16 * group):
-        feats = features(images.to(device))
+    for images in canvas_batches(dataset, 16 * group, num_workers, pin_memory=device.type == "cuda"):
+        feats = features(images.to(device, non_blocking=True))
         for g0 in range(0, feats.shape[0], group):
             out.append(cluster_group(feats[g0 : g0 + group], k_range, iters, generator).cpu())
     return torch.cat(out).to(torch.int16)
@@ -217,7 +237,7 @@ class CYBORGS(BYOL):
     def prepare_dataset(self, dataset: Any, run_dir: Any) -> MaskedImages:
         """Wrap the training set with its round-0 masks (computed once, kept under run_dir)."""
         self.run_dir = Path(run_dir)
-        sums = torch.cat([checksum(b) for b in canvas_batches(dataset)])
+        sums = torch.cat([checksum(b) for b in canvas_batches(dataset, num_workers=self.ctx.num_workers)])
         size = int(dataset[0][0].shape[-1])
         self.data = MaskedImages(dataset, sums, size, self.cfg.num_segments)
         self.load_round(0, torch.device("cpu"), seed=0, save=True)
@@ -244,7 +264,9 @@ class CYBORGS(BYOL):
         feats = self.round0_features if r == 0 else self.backbone_features
         self.eval()  # running BN statistics, as the official extraction subprocess
         try:
-            masks = compute_masks(self.data.base, feats, mc.k_range, mc.group_size, mc.iters, gen, device)
+            masks = compute_masks(
+                self.data.base, feats, mc.k_range, mc.group_size, mc.iters, gen, device, self.ctx.num_workers
+            )
         finally:
             self.train(was_training)
         source = "colour k-means" if r == 0 else f"k-means of forward_stages[{mc.stage}]"

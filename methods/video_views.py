@@ -25,6 +25,7 @@ from cropbench.errors import ConfigError
 from cropbench.methods.base import View, ViewProvenance
 from cropbench.methods.views import (
     ViewConfig,
+    apply_where,
     color_jitter,
     gaussian_blur,
     hflip,
@@ -37,7 +38,8 @@ from cropbench.methods.views import (
 
 def video_image_views() -> ViewConfig:
     """Spatial/photometric part for micro clips: 24 px, crop scale 0.2-1, MoCo v2 jitter (in a
-    fixed order: one hue pass instead of four) and grayscale, no blur."""
+    fixed order, chosen when a random order cost four hue passes; kept, the micro goldens use it)
+    and grayscale, no blur."""
     return ViewConfig(size=24, scale=(0.2, 1.0), jitter_order="fixed", blur_p=0.0)
 
 
@@ -86,14 +88,18 @@ def photometric(x: Tensor, cfg: ViewConfig, generator: torch.Generator) -> Tenso
     n, dev = x.shape[0], x.device
     x = color_jitter(x, *sample_jitter(n, cfg, generator, dev))
     gray = _rand(n, generator, dev) < cfg.gray_p
-    x = torch.where(_per_sample(gray, x), to_gray(x).expand_as(x), x)
+    x = apply_where(x, gray, lambda xs, _: to_gray(xs).expand_as(xs))
     sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * _rand(n, generator, dev)
     blur = _rand(n, generator, dev) < cfg.blur_p
     if cfg.blur_p > 0 and cfg.kernel_size > 1:
-        b, c, t, h, w = x.shape
-        blurred = gaussian_blur(x.reshape(b, c * t, h, w), sigma, cfg.kernel_size).view_as(x)
-        x = torch.where(_per_sample(blur, x), blurred, x)
+        x = apply_where(x, blur, lambda xs, sel: _blur_frames(xs, sigma[sel], cfg.kernel_size))
     return solarize(x, _rand(n, generator, dev) < cfg.solarize_p)
+
+
+def _blur_frames(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Each clip's Gaussian blur (its own sigma) on every frame: B×3×T×h×w -> same shape."""
+    b, c, t, h, w = x.shape
+    return gaussian_blur(x.reshape(b, c * t, h, w), sigma, kernel_size).view_as(x)
 
 
 def random_convolution(x: Tensor, apply: Tensor, generator: torch.Generator) -> Tensor:

@@ -1,9 +1,11 @@
 """Batched image view generator with provenance (SimCLR / MoCo v2 / BYOL augmentation).
 
 Input: uint8 canvases B×3×S×S already on the training device. Every random draw comes from an
-explicit ``torch.Generator`` and every op runs on the whole batch at once, so the pipeline runs
-on the GPU when there is one. Output: ``View(tensor, prov)`` where ``prov.boxes`` are the crop
-boxes in canvas pixels and ``prov.flipped`` the horizontal flips.
+explicit ``torch.Generator`` and every op runs batched, so the pipeline runs on the GPU when there
+is one: on CPU an op runs only on the samples it applies to (``apply_where``, colour jitter grouped
+by position), on an accelerator on the whole batch with per-sample selection (no host syncs).
+Output: ``View(tensor, prov)`` where ``prov.boxes`` are the crop boxes in canvas pixels and
+``prov.flipped`` the horizontal flips.
 
 Pixel convention: canvas pixel (row i, col j) covers the continuous square [j, j+1) × [i, i+1).
 A box (x0, y0, x1, y1) covers [x0, x1) × [y0, y1); output pixel (r, c) of an h×w view is the
@@ -22,6 +24,7 @@ after each op) and match ``torchvision.transforms.v2.functional`` on float tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,7 +155,24 @@ def crop_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
 
 def hflip(x: Tensor, flipped: Tensor) -> Tensor:
     """Mirror the samples where ``flipped`` (B bool) is set, along the last axis."""
-    return torch.where(_per_sample(flipped, x), x.flip(-1), x)
+    return apply_where(x, flipped, lambda xs, _: xs.flip(-1))
+
+
+def apply_where(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor | slice], Tensor]) -> Tensor:
+    """``x`` with ``fn`` applied to the samples where ``mask`` (B bool) is set.
+
+    ``fn(xs, sel)`` gets those samples and their index (to pick per-sample parameters). On CPU
+    only the selected samples are computed (index_select / index_copy); on an accelerator ``fn``
+    runs on the whole batch and ``torch.where`` picks, which needs no host sync.
+    """
+    if x.device.type != "cpu":
+        return torch.where(_per_sample(mask, x), fn(x, slice(None)), x)
+    idx = mask.nonzero()[:, 0]
+    if len(idx) == len(x):
+        return fn(x, slice(None))
+    if len(idx) == 0:
+        return x
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
 
 
 # ---------------------------------------------------------------- photometric ops (float, [0, 1])
@@ -189,22 +209,55 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by ``shift`` (B, in turns, |shift| <= 0.5) through HSV."""
-    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
+    """Rotate hue by ``shift`` (B, in turns, |shift| <= 0.5) through HSV; ``x`` in [0, 1].
+
+    torchvision's arithmetic, bit for bit, with the selections written as products with 0/1
+    masks (``torch.where`` with a per-pixel condition, and a max over dim 1, are several times
+    slower on CPU): the channel holding the max decides the hue formula (ties: r, then g, then b);
+    grey pixels (span 0) get hue 0 and black ones saturation 0.
+    """
     r, g, b = x.unbind(1)
+    maxc, (is_r, is_g, is_b) = _channel_extreme(r, g, b, torch.maximum)
+    minc, _ = _channel_extreme(r, g, b, torch.minimum)
     span = maxc - minc
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    hue = torch.where(span > 0, hue / 6, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    hue6 = torch.remainder(hue + _per_sample(shift, hue), 1.0) * 6
-    # HSV -> RGB in closed form: channel n in (5, 3, 1) is V − V·S·clamp(min(k, 4 − k), 0, 1)
-    # with k = (n + 6H) mod 6
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + hue6, 6.0)
-        out.append(maxc - maxc * sat * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-    return torch.stack(out, dim=1)
+    num = (g - b) * is_r + (b - r) * is_g + (r - g) * is_b  # exactly one term is non-zero
+    hue = (2 * is_g + 4 * is_b + num / (span + (span == 0))) / 6  # num = 0 where span = 0
+    sat = span / (maxc + (maxc == 0))  # span = 0 where maxc = 0
+    return _hsv_to_rgb(torch.remainder(hue + _per_sample(shift, hue), 1.0) * 6, sat, maxc)
+
+
+def _channel_extreme(
+    r: Tensor, g: Tensor, b: Tensor, pick: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Per-pixel max (``pick=torch.maximum``) or min of the planes, and 0/1 masks of the first
+    plane holding it (r, then g, then b: the index ``x.max(dim=1)`` returns).
+
+    Under autograd the value is rebuilt from the masks (exactly: v·1 + w·0), so its gradient
+    reaches that one plane as through ``max(dim=1)``; ``torch.maximum`` would split it at ties.
+    """
+    value = pick(pick(r, g), b)
+    first_r = (value == r).to(r.dtype)
+    first_g = (value == g).to(r.dtype) * (1 - first_r)
+    first_b = 1 - first_r - first_g
+    if torch.is_grad_enabled() and r.requires_grad:
+        value = r * first_r + g * first_g + b * first_b
+    return value, (first_r, first_g, first_b)
+
+
+def _hsv_to_rgb(hue6: Tensor, sat: Tensor, val: Tensor) -> Tensor:
+    """Closed form: channel n in (5, 3, 1) is V − V·S·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6.
+
+    hue6, sat, val: B×... (no channel axis) -> B×3×..., the three channels in one pass each.
+    """
+    n = 5 - 2 * torch.arange(3, device=hue6.device, dtype=hue6.dtype)  # (5, 3, 1), made on the device: no copy
+    n = n.view(1, 3, *([1] * (hue6.dim() - 1)))
+    k = torch.remainder(hue6.unsqueeze(1) + n, 6.0)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    vs = (val * sat).unsqueeze(1)
+    return val.unsqueeze(1) - vs * ramp
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor | None) -> Tensor:
@@ -212,17 +265,52 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor | None) -> Tensor:
 
     ``order`` (B×4 long, a permutation of 0..3 per sample) applies the ops in that order per
     sample (torchvision ColorJitter); ``None`` applies them in the fixed order b, c, s, h.
-    Identity factors (1, 1, 1, 0) leave a sample unchanged.
+    Identity factors (1, 1, 1, 0) leave a sample unchanged. Each sample goes through each op
+    exactly once: on CPU grouped by position (``_jitter_grouped``), elsewhere without host syncs
+    (``_jitter_around_hue``); both equal torchvision's per-image ColorJitter.
     """
     if order is None:
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        for k, op in enumerate(ops):
+        for k, op in enumerate(_JITTER_OPS):
             x = op(x, factors[:, k])
         return x
+    if x.device.type == "cpu":
+        return _jitter_grouped(x, factors, order)
+    return _jitter_around_hue(x, factors, order)
+
+
+def _jitter_grouped(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """At each position k, each op runs on the group of samples whose k-th op it is.
+
+    Groups are read on the host (``nonzero``), which is free on CPU; a group that is the whole
+    batch runs in place of the copies.
+    """
+    out, owned = x, False  # ``owned``: ``out`` is ours to write into (never the caller's x)
     for pos in range(4):
-        op = order[:, pos]
-        x = _blend_op(x, op, factors)
-        x = torch.where(_per_sample(op == 3, x), adjust_hue(x, factors[:, 3]), x)
+        for k, op in enumerate(_JITTER_OPS):
+            idx = (order[:, pos] == k).nonzero()[:, 0]
+            if len(idx) == len(out):
+                out, owned = op(out, factors[:, k]), True
+            elif len(idx):
+                out, owned = out if owned else out.clone(), True
+                out.index_copy_(0, idx, op(out.index_select(0, idx), factors[idx, k]))
+    return out
+
+
+def _jitter_around_hue(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """Static shapes, no host sync: the ops before each sample's hue, one hue pass, the ops after.
+
+    The up to three blend ops before hue run as three whole-batch passes (op 3 = identity in the
+    slots a sample does not use), then hue once for every sample, then the ops after it.
+    """
+    slot = torch.arange(3, device=order.device)[None]  # 1×3
+    at = (order == 3).long().argmax(dim=1, keepdim=True)  # B×1: position of hue
+    before = torch.where(slot < at, order[:, :3], 3)
+    after = torch.where(slot + at + 1 <= 3, order.gather(1, (slot + at + 1).clamp(max=3)), 3)
+    for j in range(3):
+        x = _blend_op(x, before[:, j], factors)
+    x = adjust_hue(x, factors[:, 3])
+    for j in range(3):
+        x = _blend_op(x, after[:, j], factors)
     return x
 
 
@@ -254,7 +342,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 def solarize(x: Tensor, apply: Tensor, threshold: float = 0.5) -> Tensor:
     """Invert pixels >= threshold in the samples where ``apply`` (B bool) is set (BYOL: 0.5)."""
-    return torch.where(_per_sample(apply, x) & (x >= threshold), 1 - x, x)
+    return apply_where(x, apply, lambda xs, _: torch.where(xs >= threshold, 1 - xs, xs))
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -275,7 +363,7 @@ def sample_jitter(
         dim=1,
     )
     applied = _coin(n, cfg.jitter_p, generator, device)
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    identity = (torch.arange(4, device=device) < 3).float()  # (1, 1, 1, 0) without a host-to-device copy
     factors = torch.where(applied[:, None], factors, identity)
     order = _rand((n, 4), generator, device).argsort(dim=1) if cfg.jitter_order == "random" else None
     return factors, order
@@ -293,11 +381,11 @@ def make_view(images: Tensor, cfg: ViewConfig, generator: torch.Generator) -> Vi
         flipped = _coin(n, cfg.flip_p, generator, dev)
         x = hflip(x, flipped)
         x = color_jitter(x, *sample_jitter(n, cfg, generator, dev))
-        x = torch.where(_per_sample(_coin(n, cfg.gray_p, generator, dev), x), to_gray(x).expand_as(x), x)
+        x = apply_where(x, _coin(n, cfg.gray_p, generator, dev), lambda xs, _: to_gray(xs).expand_as(xs))
         sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
-        blur = _per_sample(_coin(n, cfg.blur_p, generator, dev), x)
+        blur = _coin(n, cfg.blur_p, generator, dev)
         if cfg.blur_p > 0 and cfg.kernel_size > 1:
-            x = torch.where(blur, gaussian_blur(x, sigma, cfg.kernel_size), x)
+            x = apply_where(x, blur, lambda xs, sel: gaussian_blur(xs, sigma[sel], cfg.kernel_size))
         x = solarize(x, _coin(n, cfg.solarize_p, generator, dev))
         x = normalize(x * 255)
     prov = ViewProvenance(boxes=boxes, flipped=flipped, source_size=(height, width), output_size=(cfg.size, cfg.size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -324,7 +325,7 @@ def test_masked_images_upsample_masks_to_the_canvas_nearest():
 # ------------------------------------------------------------------ the CYBORGS method
 
 
-def _cyborgs(**masks) -> CYBORGS:
+def _cyborgs(num_workers: int = 0, **masks) -> CYBORGS:
     cfg = from_dict(
         CYBORGS.Config,
         {
@@ -345,7 +346,7 @@ def _cyborgs(**masks) -> CYBORGS:
         },
     )
     torch.manual_seed(0)
-    return CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext())
+    return CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(num_workers=num_workers))
 
 
 def test_cyborgs_rejects_bad_sampling_settings():
@@ -413,6 +414,70 @@ def test_masks_are_bootstrapped_every_n_epochs_and_reloaded_on_resume(tmp_path):
     resumed.on_epoch_start(3, _trainer(tmp_path))  # resume mid-round: read the file, no recompute
     assert resumed.mask_round == 1 and torch.equal(resumed.data.masks, data.masks)
     assert r1.stat().st_mtime_ns == stamp
+
+
+def _masks_one_image_at_a_time(dataset, features, k_range, group, iters, generator) -> torch.Tensor:
+    """The mask pass before issue 14: canvases decoded one at a time in this process, in index
+    order, 16 groups per batch, each group clustered jointly (the reference for the workers)."""
+    out, step = [], 16 * group
+    for start in range(0, len(dataset), step):
+        images = torch.stack([dataset[i][0] for i in range(start, min(start + step, len(dataset)))])
+        feats = features(images)
+        for g0 in range(0, feats.shape[0], group):
+            out.append(cluster_group(feats[g0 : g0 + group], k_range, iters, generator))
+    return torch.cat(out).to(torch.int16)
+
+
+def test_masks_decoded_by_dataloader_workers_equal_the_one_at_a_time_pass():
+    ds = _Canvases(n=37, size=16)  # 37 images, groups of 2: a last partial batch and a group of one
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images.float() / 255, 4)
+
+    def run(fn, *extra):  # noqa: ANN001, ANN202
+        return fn(ds, features, (2, 5), 2, 5, torch.Generator().manual_seed(3), *extra)
+
+    old = run(_masks_one_image_at_a_time)
+    for workers in (0, 2):
+        assert torch.equal(run(cyborgs_module.compute_masks, torch.device("cpu"), workers), old)
+    assert len(old.unique()) > 2  # real clusterings, not a constant
+
+
+class _OnlyInWorkers(_Canvases):
+    """Refuses to decode in the process that built it: proves the decoding ran in workers."""
+
+    def __init__(self) -> None:
+        super().__init__(n=10, size=8)
+        self.parent = os.getpid()
+
+    def __getitem__(self, i: int):
+        if os.getpid() == self.parent:
+            raise RuntimeError("decoded in the main process")
+        return super().__getitem__(i)
+
+
+def test_canvas_batches_decode_in_workers_in_index_order():
+    ds = _OnlyInWorkers()
+    batches = list(canvas_batches(ds, 4, num_workers=2))
+    assert [len(b) for b in batches] == [4, 4, 2] and torch.equal(torch.cat(batches), ds.images)
+    with pytest.raises(RuntimeError, match="decoded in the main process"):
+        list(canvas_batches(ds, 4, num_workers=0))
+
+
+def test_cyborgs_rounds_are_the_same_with_decode_workers(tmp_path):
+    """Round 0 (colour k-means) and round 1 (backbone features) with data.num_workers 0 and 2:
+    the same mask files, written atomically (no temporary file left beside them)."""
+    ds, files = _Canvases(n=8, size=64), {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"workers{workers}"
+        m = _cyborgs(num_workers=workers, bootstrap_every=1)
+        m.prepare_dataset(ds, run_dir)
+        m.on_epoch_start(1, _trainer(run_dir))
+        assert sorted(p.name for p in (run_dir / "masks").iterdir()) == ["round_000.pt", "round_001.pt"]
+        files[workers] = [MaskFile.load(run_dir / "masks" / f"round_00{r}.pt") for r in (0, 1)]
+    for a, b in zip(files[0], files[2], strict=True):
+        assert torch.equal(a.masks, b.masks) and torch.equal(a.checksums, b.checksums)
+    assert not torch.equal(files[0][0].masks, files[0][1].masks)
 
 
 def test_an_initial_mask_file_with_ids_out_of_range_is_rejected(tmp_path):

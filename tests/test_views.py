@@ -3,6 +3,7 @@ photometric ops against torchvision.transforms.v2.functional applied per sample,
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -137,6 +138,38 @@ def test_photometric_op_matches_torchvision_per_sample(ours, theirs, factors) ->
     torch.testing.assert_close(ours(x, f), ref, atol=2e-6, rtol=0)
 
 
+def _hue_by_branches(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB -> HSV -> RGB as the textbook writes it: max / min over channels (``max(dim=1)``),
+    one ``where`` branch per case. The reference for the gradients at ties."""
+    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
+    r, g, b = x.unbind(1)
+    span = maxc - minc
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(span > 0, hue / 6, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, span / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h6 = torch.remainder(hue + shift.view(-1, 1, 1), 1.0) * 6
+    ks = [torch.remainder(n + h6, 6.0) for n in (5.0, 3.0, 1.0)]
+    return torch.stack([maxc - maxc * sat * torch.clamp(torch.minimum(k, 4 - k), 0, 1) for k in ks], dim=1)
+
+
+def test_adjust_hue_gradients_at_tied_channels_follow_max_over_channels() -> None:
+    """ParamCrop back-propagates through hue: where two channels hold the max (or min), the
+    gradient goes to the first one, as through ``max(dim=1)`` (torch.maximum would split it:
+    max |diff| 2.0 measured). Values equal bit for bit; gradients measured max |diff| 5e-7."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (6, 3, 6, 6), generator=g) / 3.0  # many ties, greys, blacks, whites
+    shift, weight = torch.rand(6, generator=g) - 0.5, torch.rand(6, 3, 6, 6, generator=g)
+    grads, outs = [], []
+    for fn in (V.adjust_hue, _hue_by_branches):
+        xg = x.clone().requires_grad_(True)
+        outs.append(fn(xg, shift))
+        (outs[-1] * weight).sum().backward()
+        grads.append(xg.grad)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
+
+
 def test_grayscale_blur_solarize_match_torchvision() -> None:
     x = _images()
     torch.testing.assert_close(V.to_gray(x), TF.rgb_to_grayscale(x))
@@ -175,6 +208,116 @@ def test_color_jitter_random_order_matches_sequential_torchvision() -> None:
         ]
     )
     torch.testing.assert_close(V.color_jitter(x, factors, None), fixed, atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- colour jitter: each op once per sample
+
+JITTER_OPS = (V.adjust_brightness, V.adjust_contrast, V.adjust_saturation, V.adjust_hue)
+JITTER_IMPLS = {"grouped (CPU)": V.color_jitter, "around hue (accelerators)": V._jitter_around_hue}
+
+
+def _naive_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The formula, one sample at a time: its four ops in its own order, each on a batch of one."""
+    out = []
+    for i in range(len(x)):
+        xi = x[i : i + 1]
+        for k in order[i].tolist():
+            xi = JITTER_OPS[k](xi, factors[i : i + 1, k])
+        out.append(xi)
+    return torch.cat(out)
+
+
+def _jitter_case(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, factors, order): strong jitter, some samples left unjittered (identity factors)."""
+    n = {"random, odd batch": 7, "batch of one": 1, "all the same order": 5, "every permutation": 24}[case]
+    g = torch.Generator().manual_seed(11)
+    factors, order = V.sample_jitter(n, V.ViewConfig(jitter=(0.8, 0.8, 0.8, 0.4), jitter_p=0.8), g, torch.device("cpu"))
+    if case == "all the same order":
+        order = torch.tensor([2, 3, 0, 1]).expand(n, 4)
+    elif case == "every permutation":
+        order = torch.tensor(list(itertools.permutations(range(4))))
+    x = _images(n, size=10, seed=2)
+    x[0, :, :2] = 0.5  # grey and black pixels: the HSV edge cases
+    x[-1, :, -2:] = 0.0
+    return x, factors, order
+
+
+@pytest.mark.parametrize("impl", list(JITTER_IMPLS))
+@pytest.mark.parametrize("case", ["random, odd batch", "batch of one", "all the same order", "every permutation"])
+def test_color_jitter_applies_each_op_once_in_each_samples_order(case: str, impl: str) -> None:
+    """Both batched implementations equal the naive per-sample loop. Measured max |diff| 0 (bit
+    for bit) on 1 thread; the 1e-6 bound leaves room for a threaded mean in the contrast op."""
+    x, factors, order = _jitter_case(case)
+    x0 = x.clone()
+    out = JITTER_IMPLS[impl](x, factors, order)
+    ref = _naive_jitter(x, factors, order)
+    assert (out - ref).abs().max() <= 1e-6
+    assert torch.equal(x, x0)  # the caller's images are not written into
+    if case != "batch of one":  # the test can fail: another order gives a visibly different image
+        assert (_naive_jitter(x, factors, order.flip(1)) - ref).abs().max() > 1e-2
+
+
+def test_color_jitter_gradients_equal_the_naive_loop() -> None:
+    """ParamCrop back-propagates through the photometric ops: the grouped in-place writes must
+    give the per-sample gradients."""
+    x, factors, order = _jitter_case("random, odd batch")
+    weight = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (V.color_jitter, V._jitter_around_hue, _naive_jitter):
+        xg = x.clone().requires_grad_(True)
+        (fn(xg, factors, order) * weight).sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[1], grads[2], atol=1e-5, rtol=0)
+    # and the reference's own gradients (away from the kinks: grey pixels, clamp bounds)
+    x64 = (0.3 + 0.4 * torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))).double()
+    x64.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: V.color_jitter(z, factors[:2].double(), order[:2]), (x64,))
+
+
+@pytest.mark.parametrize("mask", [[False] * 4, [True] * 4, [True, False, False, True]])
+def test_apply_where_computes_only_the_selected_samples(mask: list[bool]) -> None:
+    x, scale, mask_t = _images(4), torch.tensor([2.0, 3.0, 4.0, 5.0]), torch.tensor(mask)
+    seen: list[int] = []
+
+    def fn(xs: torch.Tensor, sel: torch.Tensor | slice) -> torch.Tensor:
+        seen.append(len(xs))
+        return xs * scale[sel].view(-1, 1, 1, 1)
+
+    out = V.apply_where(x, mask_t, fn)
+    expected = torch.stack([x[i] * scale[i] if m else x[i] for i, m in enumerate(mask)])
+    assert torch.equal(out, expected)
+    assert seen == ([sum(mask)] if any(mask) else [])  # only the selected samples were computed
+
+
+def test_make_view_equals_the_per_image_torchvision_pipeline_on_the_same_draws() -> None:
+    """make_view vs torchvision.transforms.v2.functional per image, replaying make_view's draws
+    in its documented order (boxes, flips, jitter factors/coins/order, grey, sigma, blur,
+    solarize): the draws did not move, every op acts per sample. Crop tested above.
+    Measured max |diff| 4e-6 (normalised units); bound 2e-5."""
+    n, cfg = 9, V.ViewConfig(size=24, jitter=(0.6, 0.6, 0.6, 0.3), gray_p=0.3, blur_kernel=0.2, solarize_p=0.4)
+    imgs = _canvases(n)
+    view = V.make_view(imgs, cfg, torch.Generator().manual_seed(4))
+    g, cpu = torch.Generator().manual_seed(4), torch.device("cpu")
+    boxes = V.sample_boxes(n, 32, 32, cfg.scale, cfg.ratio, g, cpu)
+    flipped = torch.rand(n, generator=g) < cfg.flip_p
+    factors, order = V.sample_jitter(n, cfg, g, cpu)
+    gray = torch.rand(n, generator=g) < cfg.gray_p
+    sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * torch.rand(n, generator=g)
+    blur, solar = torch.rand(n, generator=g) < cfg.blur_p, torch.rand(n, generator=g) < cfg.solarize_p
+    crops = V.crop_resize(imgs.float() / 255, boxes, (24, 24))
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    ref = []
+    for i in range(n):
+        x = TF.horizontal_flip(crops[i]) if flipped[i] else crops[i]
+        for k in order[i].tolist():
+            x = ops[k](x, float(factors[i, k]))
+        x = TF.rgb_to_grayscale(x, 3) if gray[i] else x
+        x = TF.gaussian_blur(x, [5, 5], [float(sigma[i])] * 2) if blur[i] else x
+        x = TF.solarize(x, 0.5) if solar[i] else x
+        ref.append(TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    assert gray.any() and blur.any() and solar.any() and flipped.any() and not blur.all()
+    torch.testing.assert_close(view.tensor, torch.stack(ref), atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -216,6 +359,35 @@ def test_probabilities_zero_and_one() -> None:
     torch.testing.assert_close(rgb[:, 0], rgb[:, 1], atol=1e-5, rtol=0)
     plain = V.make_view(imgs, V.ViewConfig(size=16, flip_p=0.0), g)
     assert not plain.prov.flipped.any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_on_cuda_equal_the_cpu_views_and_the_ops_never_sync() -> None:
+    """On an accelerator the sync-free paths run (jitter around hue, ``where`` selection): the same
+    draws (a CPU generator) give the CPU views up to CUDA rounding (H200, TF32 off: max |diff|
+    7e-6 measured at 32 px, batch 256; bound 1e-4), and with a CUDA generator the view ops make
+    no host sync (``cropbench.data.images.normalize`` is left out: it copies its constants)."""
+    cfg = V.ViewConfig(size=24, jitter=(0.6, 0.6, 0.6, 0.3), gray_p=0.3, blur_kernel=0.2, solarize_p=0.4)
+    imgs, tf32 = _canvases(16), torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the blur's convolution in float32, as on CPU
+    try:
+        cpu = V.make_view(imgs, cfg, torch.Generator().manual_seed(4)).tensor
+        gpu = V.make_view(imgs.cuda(), cfg, torch.Generator().manual_seed(4)).tensor
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    dev, g = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
+    images = imgs.cuda().float() / 255
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        boxes = V.sample_boxes(16, 32, 32, cfg.scale, cfg.ratio, g, dev)
+        x = V.hflip(V.crop_resize(images, boxes, (24, 24)), V._coin(16, 0.5, g, dev))
+        x = V.color_jitter(x, *V.sample_jitter(16, cfg, g, dev))
+        x = V.apply_where(x, V._coin(16, 0.3, g, dev), lambda xs, _: V.to_gray(xs).expand_as(xs))
+        x = V.solarize(V.gaussian_blur(x, V._uniform(16, 0.1, 2.0, g, dev), 5), V._coin(16, 0.4, g, dev))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_view_config_rules_and_errors() -> None:

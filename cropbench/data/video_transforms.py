@@ -13,6 +13,8 @@ frame lands exactly on a source frame.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -69,9 +71,18 @@ def normalize_video(
     x: Tensor, mean: tuple[float, ...] = KINETICS_MEAN, std: tuple[float, ...] = KINETICS_STD
 ) -> Tensor:
     """B×3×T×H×W in [0, 1] -> (x − mean) / std per channel."""
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
+    m, s = _channel_constants(tuple(mean), tuple(std), x.device, x.dtype)
     return (x - m) / s
+
+
+@functools.cache
+def _channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Mean/std as 1×3×1×1×1 tensors on ``device``, made once (no host-to-device copy per call)."""
+    m = torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, 3, 1, 1, 1)
+    return m.to(device), s.to(device)
 
 
 def spatial_crops(size: int, crop: int, n: int) -> list[tuple[int, int, int, int]]:
