@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -42,9 +42,19 @@ from cropbench.data.video_transforms import (
     normalize_video,
     spatial_crops,
 )
+from cropbench.dist import DistContext, all_reduce_grads
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.features import weights_hash
+from cropbench.evaluations.parallel import (
+    ShardDropout,
+    all_agree,
+    barrier,
+    batch_sizes,
+    convert_sync_batchnorm,
+    gather_batches,
+    owns,
+)
 from cropbench.methods.video_views import VideoViewConfig, make_video_view
 from cropbench.methods.views import ViewConfig, adjust_hue, to_gray
 
@@ -129,12 +139,9 @@ def test_video_views(ds: VideoClips, s: ActionSettings) -> Iterator[tuple[Tensor
     Undecodable videos are skipped (the dataset warns, counts and names them)."""
     crops = spatial_crops(ds.image_size, s.crop, s.test_crops)
     for i in range(len(ds)):
-        frames = ds.full_video(i)
-        if frames is None:
-            continue
-        starts = clip_starts(frames.shape[0], s.span, s.test_clips)
-        clips, looped = clip_batches(ds, i, Window(s.frames, s.stride), starts)
-        yield eval_views(clips, crops, s.crop), ds.items[i].label, looped
+        views = _test_views(ds, i, s, crops)
+        if views is not None:
+            yield views
 
 
 def _u(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
@@ -181,12 +188,32 @@ def brave_color_augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(_per_clip(gray, x) > 0, to_gray(x).expand_as(x), x)
 
 
+class TrainBatch(NamedTuple):
+    views: Tensor  # B×3×frames×crop×crop, normalised (this rank's rows when sharded)
+    labels: Tensor  # B
+    batch_size: int  # rows of the one-process batch (over every rank)
+
+
 def train_batches(
-    ds: VideoClips, s: ActionSettings, epoch: int, generator: torch.Generator, shuffle: bool
-) -> Iterator[tuple[Tensor, Tensor]]:
+    ds: VideoClips,
+    s: ActionSettings,
+    epoch: int,
+    generator: torch.Generator,
+    shuffle: bool,
+    keep: Callable[[int], bool] | None = None,
+    rows: slice = slice(None),
+) -> Iterator[TrainBatch | None]:
     """One pass of random augmented training clips (random temporal position in the video, crop
     of area 0.3-1, flip; in linear mode BraVe's aspect 0.5-2 and colour augmentation) ->
-    batches of (B×3×T×crop×crop views, B labels)."""
+    ``TrainBatch``es of B×3×T×crop×crop views and B labels.
+
+    ``keep(j)`` (data-parallel extraction): whether this rank needs batch ``j``. A batch it does not
+    keep is not decoded and yields None, but its random draws (which depend on the batch's shape
+    only) are replayed on a zero batch, so every later batch gets the one-process draws.
+
+    ``rows`` (data-parallel fine-tuning, e.g. ``slice(rank, None, world)``): decode only these rows
+    of each batch and yield their views, drawn for the whole batch (the rows of other ranks are
+    zeros): the same views as the one-process batch's rows, since every view operation is per clip."""
     brave = s.mode == "linear"  # BraVe's evaluator (brave/evaluate/evaluate_video_embedding.py)
     ratio = (0.5, 2.0) if brave else (3 / 4, 4 / 3)
     aug = VideoViewConfig(
@@ -199,15 +226,33 @@ def train_batches(
     ds.set_epoch(epoch)
     order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
     size = s.ft_batch if shuffle else s.batch_size
-    for idx in _chunks(order, size):
+    for j, idx in enumerate(_chunks(order, size)):
         if shuffle and len(idx) < 2:  # BatchNorm needs two samples
             continue
-        batch = ds.collate([ds[int(i)] for i in idx])
-        views = make_video_view(batch.video, aug, generator).tensor
-        if brave:  # colour ops act on [0, 1] clips: undo the normalisation, augment, redo it
-            views = brave_color_augment(_unnormalize(views), generator)
-            views = normalize_video(views)
-        yield views, batch.labels
+        if keep is not None and not keep(j):
+            zeros = torch.zeros(len(idx), 3, s.span, s.image_size, s.image_size, dtype=torch.uint8)
+            _augment(zeros, aug, brave, generator)  # the draws only
+            yield None
+            continue
+        if rows == slice(None):
+            batch = ds.collate([ds[int(i)] for i in idx])
+            yield TrainBatch(_augment(batch.video, aug, brave, generator), batch.labels, len(idx))
+            continue
+        full = torch.zeros(len(idx), 3, s.span, s.image_size, s.image_size, dtype=torch.uint8)
+        mine = idx[rows]
+        labels = torch.zeros(0, dtype=torch.long)
+        if len(mine):
+            batch = ds.collate([ds[int(i)] for i in mine])
+            full[rows], labels = batch.video, batch.labels
+        yield TrainBatch(_augment(full, aug, brave, generator)[rows], labels, len(idx))
+
+
+def _augment(video: Tensor, aug: VideoViewConfig, brave: bool, generator: torch.Generator) -> Tensor:
+    """uint8 B×3×T×S×S windows -> normalised B×3×frames×crop×crop training views."""
+    views = make_video_view(video, aug, generator).tensor
+    if brave:  # colour ops act on [0, 1] clips: undo the normalisation, augment, redo it
+        views = normalize_video(brave_color_augment(_unnormalize(views), generator))
+    return views
 
 
 def _unnormalize(x: Tensor) -> Tensor:
@@ -240,39 +285,84 @@ def _cache_path(encoder: nn.Module, s: ActionSettings, split: str, data: EvalDat
 
 
 def linear_features(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, Tensor]:
-    """Frozen features of one split (cached): train N×D + labels; test V×K×D + labels."""
+    """Frozen features of one split (cached): train N×D + labels; test V×K×D + labels.
+
+    Data-parallel: the training batches (one pass per ``train_clips``) and the test videos are dealt
+    round-robin over the ranks and gathered in order (``parallel.gather_batches``): the same
+    batches and random draws as one process, so the same features. Rank 0 writes the cache."""
+    ctx, device = data.dist, torch.device(data.device)
     path = _cache_path(encoder, s, fold, data)
-    if path is not None and path.exists():
+    if path is not None and all_agree(path.exists(), ctx, device):
         data.log(f"{s.dataset} split {fold}: cached features {path.name}")
         return torch.load(path, map_location="cpu", weights_only=True)
-    device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
+    gen = torch.Generator().manual_seed(data.seed)
     train = build_dataset(s.dataset, f"train{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
     test = build_dataset(s.dataset, f"test{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
+    per_pass = batch_sizes(len(train), s.batch_size)
     xs, ys = [], []
     for epoch in range(s.train_clips):
-        for views, labels in train_batches(train, s, epoch, gen, shuffle=False):
-            xs.append(encode(encoder, views, s.batch_size, device))
-            ys.append(labels)
-    test_x, test_y, looped = [], [], 0
-    for views, label, was_looped in test_video_views(test, s):
-        test_x.append(encode(encoder, views, s.batch_size, device))
-        test_y.append(label)
-        looped += int(was_looped)
+        keep = lambda j, e=epoch: owns(e * len(per_pass) + j, ctx)  # noqa: E731
+        for out in train_batches(train, s, epoch, gen, shuffle=False, keep=keep if ctx.enabled else None):
+            if out is not None:
+                xs.append(encode(encoder, out[0], s.batch_size, device))
+                ys.append(out[1])
+    sizes = per_pass * s.train_clips
+    train_x = gather_batches(_cat(xs, 2), sizes, ctx, device)
+    train_y = gather_batches(_cat(ys, 1, torch.int64), sizes, ctx, device)
+    test_x, test_y, looped = sharded_test(test, s, lambda v: encode(encoder, v, s.batch_size, device), data)
     if looped:
         data.log(f"{s.dataset} split {fold}: {looped} test video(s) shorter than {s.span} frames looped")
-    out = {
-        "train_x": torch.cat(xs),
-        "train_y": torch.cat(ys),
-        "test_x": torch.stack(test_x),
-        "test_y": torch.tensor(test_y),
-        "looped": torch.tensor(looped),
-    }
+    out = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "looped": torch.tensor(looped)}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        if ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(out, tmp)
+            tmp.replace(path)
+        barrier(ctx)
     return out
+
+
+def _cat(parts: list[Tensor], dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """torch.cat, or an empty ``dim``-D tensor for a rank that got no batch."""
+    return torch.cat(parts) if parts else torch.zeros((0,) * dim, dtype=dtype)
+
+
+def sharded_test(
+    ds: VideoClips, s: ActionSettings, score: Callable[[Tensor], Tensor], data: EvalData
+) -> tuple[Tensor, Tensor, int]:
+    """``score`` ((clips·crops)×3×T×h×w views -> K×W) of every decodable test video, videos dealt
+    round-robin over the ranks and gathered in order -> (V×K×W, V labels, looped videos).
+    Undecodable videos are skipped (the dataset warns, counts and names them)."""
+    ctx, device = data.dist, torch.device(data.device)
+    crops = spatial_crops(ds.image_size, s.crop, s.test_crops)
+    rows: list[Tensor | None] = []
+    labels, looped = [], []
+    for i in range(len(ds)):
+        if not owns(i, ctx):
+            continue
+        views = _test_views(ds, i, s, crops)
+        rows.append(None if views is None else score(views[0]))
+        labels.append(-1 if views is None else views[1])
+        looped.append(views is not None and views[2])
+    like = next((r for r in rows if r is not None), None)
+    local = torch.stack([r if r is not None else torch.zeros_like(like) for r in rows]) if like is not None else None
+    x = gather_batches(local if local is not None else torch.zeros(0, 0, 0), [1] * len(ds), ctx, device)
+    y = gather_batches(torch.tensor(labels, dtype=torch.int64), [1] * len(ds), ctx, device)
+    n_looped = gather_batches(torch.tensor(looped, dtype=torch.int64), [1] * len(ds), ctx, device)
+    ok = y >= 0
+    return x[ok], y[ok], int(n_looped.sum())
+
+
+def _test_views(ds: VideoClips, i: int, s: ActionSettings, crops: Any) -> tuple[Tensor, int, bool] | None:
+    """Test video ``i``'s (clips·crops)×3×T×crop×crop views, label, whether looped; None when
+    it cannot be decoded."""
+    frames = ds.full_video(i)
+    if frames is None:
+        return None
+    starts = clip_starts(frames.shape[0], s.span, s.test_clips)
+    clips, looped = clip_batches(ds, i, Window(s.frames, s.stride), starts)
+    return eval_views(clips, crops, s.crop), ds.items[i].label, looped
 
 
 def fit_classifier(x: Tensor, y: Tensor, num_classes: int, s: ActionSettings, seed: int) -> Callable[[Tensor], Tensor]:
@@ -328,37 +418,64 @@ def linear_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalDat
 
 
 def finetune_split(encoder: nn.Module, s: ActionSettings, fold: str, data: EvalData) -> dict[str, float]:
-    """Fine-tune a copy of the encoder + dropout + linear head on split ``fold``; test."""
-    device, gen = torch.device(data.device), torch.Generator().manual_seed(data.seed)
+    """Fine-tune a copy of the encoder + dropout + linear head on split ``fold``; test (the test
+    videos dealt round-robin over the ranks, ``sharded_test``)."""
+    device = torch.device(data.device)
     train = build_dataset(s.dataset, f"train{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
     test = build_dataset(s.dataset, f"test{fold}", data.root, data.scale, FIELD, image_size=s.image_size)
+    model = finetune_model(encoder, s, train, data).eval()
+
+    @torch.no_grad()
+    def probabilities(views: Tensor) -> Tensor:  # K×C softmax scores of one video's views
+        logits = torch.cat([model(c.to(device)).float().cpu() for c in _chunks(views, s.batch_size)])
+        return torch.softmax(logits, dim=1)
+
+    scores, labels, _ = sharded_test(test, s, probabilities, data)
+    return video_accuracy(scores, labels)
+
+
+def finetune_model(encoder: nn.Module, s: ActionSettings, train: VideoClips, data: EvalData) -> nn.Module:
+    """SGD (momentum 0.9, cosine per step) on a copy of the encoder + dropout + linear head.
+
+    Data-parallel: rank r takes rows r::world of each one-process batch (views drawn for the whole
+    batch, ``train_batches(rows=...)``), BatchNorm is synchronised over the ranks, dropout masks are
+    drawn for the whole batch (``ShardDropout``), and each rank's loss is its CE sum over the global
+    batch size (× world: the gradient all-reduce averages): the one-process step, up to float
+    summation order."""
+    ctx, device = data.dist, torch.device(data.device)
+    gen = torch.Generator().manual_seed(data.seed)
     torch.manual_seed(data.seed)
-    model = nn.Sequential(
-        copy.deepcopy(encoder),
-        nn.Dropout(s.ft_dropout),
-        nn.Linear(encoder.feat_dim, train.num_classes),
-    ).to(device)
+    dropout = ShardDropout(s.ft_dropout)
+    dropout.shard = (ctx.rank, ctx.world_size)
+    model = nn.Sequential(copy.deepcopy(encoder), dropout, nn.Linear(encoder.feat_dim, train.num_classes))
+    model = model.to(device)
+    if ctx.enabled:
+        model = convert_sync_batchnorm(model, device)
     opt = torch.optim.SGD(model.parameters(), lr=s.ft_lr, momentum=0.9, weight_decay=s.ft_weight_decay)
     total, step = s.ft_epochs * max(1, math.ceil(len(train) / s.ft_batch)), 0
+    rows = slice(ctx.rank, None, ctx.world_size) if ctx.enabled else slice(None)
     model.train()
     for epoch in range(s.ft_epochs):
-        for views, labels in train_batches(train, s, epoch, gen, shuffle=True):
+        for views, labels, n in train_batches(train, s, epoch, gen, shuffle=True, rows=rows):
             for g in opt.param_groups:  # cosine schedule per step
                 g["lr"] = s.ft_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            dropout.batch_size = n
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(model(views.to(device)).float(), labels.to(device))
+                logits = model(views.to(device, non_blocking=True)).float()
+            loss = _finetune_loss(logits, labels.to(device, non_blocking=True), n, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_grads(model.parameters(), ctx)
             opt.step()
             step += 1
-    model.eval()
-    scores, labels = [], []
-    with torch.no_grad():
-        for views, label, _ in test_video_views(test, s):
-            logits = torch.cat([model(c.to(device)).float().cpu() for c in _chunks(views, s.batch_size)])
-            scores.append(torch.softmax(logits, dim=1))
-            labels.append(label)
-    return video_accuracy(torch.stack(scores), torch.tensor(labels))
+    return model
+
+
+def _finetune_loss(logits: Tensor, labels: Tensor, batch_size: int, ctx: DistContext) -> Tensor:
+    """Mean CE over the batch; data-parallel, this rank's CE sum × world / the global batch size."""
+    if not ctx.enabled:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") * (ctx.world_size / batch_size)
 
 
 def evaluate_action(encoder: nn.Module, s: ActionSettings, data: EvalData) -> dict[str, float]:

@@ -10,6 +10,7 @@ classes (ignore 255), in percent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,18 @@ from torch.utils.data import DataLoader
 from cropbench.data import build_dataset
 from cropbench.data.cityscapes import IGNORE_INDEX, CityscapesSemantic
 from cropbench.data.images import normalize
+from cropbench.dist import DistContext
 from cropbench.errors import ConfigError, TrainingError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.detection import InfiniteSampler, LossWatch, data_parallel, log_lr_scaling, scaled_lr
+from cropbench.evaluations.detection import (
+    InfiniteSampler,
+    LossWatch,
+    autocast,
+    data_parallel,
+    log_lr_scaling,
+    scaled_lr,
+)
+from cropbench.evaluations.parallel import ShardDropout2d, keyed_generator
 from cropbench.evaluations.segmentation import (
     FCNSegmenter,
     confusion_matrix,
@@ -75,6 +85,7 @@ class CityscapesSettings:
     align_corners: bool = True  # the 769×769 configs set align_corners=True
     test_stride: tuple[int, int] = (64, 64)  # sliding-window stride (513, 513 at paper scale)
     log_every: int = 50
+    amp: bool = True  # bf16 autocast on CUDA, for speed (mmseg's config trains in fp32); ignored on CPU
 
 
 def _rescale_size(h: int, w: int, scale: tuple[int, int] | None, ratio: float) -> tuple[int, int]:
@@ -94,12 +105,14 @@ def _resize(image: Tensor, label: Tensor | None, size: tuple[int, int]) -> tuple
     return image, label
 
 
-def _random_crop(image: Tensor, label: Tensor, crop: tuple[int, int], cat_max_ratio: float) -> tuple[Tensor, Tensor]:
+def _random_crop(
+    image: Tensor, label: Tensor, crop: tuple[int, int], cat_max_ratio: float, gen: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """mmseg ``RandomCrop``: up to 10 draws until no class covers more than ``cat_max_ratio``."""
     h, w = label.shape
     for _ in range(10):
-        y = int(torch.randint(max(h - crop[0], 0) + 1, ()))
-        x = int(torch.randint(max(w - crop[1], 0) + 1, ()))
+        y = int(torch.randint(max(h - crop[0], 0) + 1, (), generator=gen))
+        x = int(torch.randint(max(w - crop[1], 0) + 1, (), generator=gen))
         window = label[y : y + crop[0], x : x + crop[1]]
         _, counts = window[window != IGNORE_INDEX].unique(return_counts=True)
         if cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio):
@@ -107,16 +120,16 @@ def _random_crop(image: Tensor, label: Tensor, crop: tuple[int, int], cat_max_ra
     return image[:, y : y + crop[0], x : x + crop[1]], label[y : y + crop[0], x : x + crop[1]]
 
 
-def _photometric(image: Tensor) -> Tensor:
+def _photometric(image: Tensor, gen: torch.Generator | None = None) -> Tensor:
     """mmseg ``PhotoMetricDistortion`` on a 3×H×W float 0-255 image, each step with p=0.5:
     brightness ±32, contrast 0.5-1.5 (before or after the colour steps), saturation 0.5-1.5,
     hue ±18/180. Saturation and hue use torchvision's operators, not mmcv's HSV arithmetic."""
 
     def coin() -> bool:
-        return bool(torch.rand(()) < 0.5)
+        return bool(torch.rand((), generator=gen) < 0.5)
 
     def uniform(a: float, b: float) -> float:
-        return float(torch.empty(()).uniform_(a, b))
+        return float(torch.empty(()).uniform_(a, b, generator=gen))
 
     if coin():
         image = (image + uniform(-32, 32)).clamp(0, 255)
@@ -132,16 +145,19 @@ def _photometric(image: Tensor) -> Tensor:
     return image
 
 
-def augment(image: Tensor, label: Tensor, s: CityscapesSettings) -> tuple[Tensor, Tensor]:
-    """uint8 3×H×W + H×W -> float 3×crop (0-255) + long crop, the mmseg training pipeline."""
-    ratio = float(torch.empty(()).uniform_(*s.ratio_range))
+def augment(
+    image: Tensor, label: Tensor, s: CityscapesSettings, gen: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """uint8 3×H×W + H×W -> float 3×crop (0-255) + long crop, the mmseg training pipeline; its
+    draws come from ``gen`` (the global generator when None)."""
+    ratio = float(torch.empty(()).uniform_(*s.ratio_range, generator=gen))
     size = _rescale_size(*label.shape, s.scale, ratio)
     img, lab = _resize(image.float(), label, size)
-    img, lab = _random_crop(img, lab, s.crop_size, s.cat_max_ratio)
-    if torch.rand(()) < 0.5:
+    img, lab = _random_crop(img, lab, s.crop_size, s.cat_max_ratio, gen)
+    if torch.rand((), generator=gen) < 0.5:
         img, lab = img.flip(-1), lab.flip(-1)
     if s.photometric:
-        img = _photometric(img)
+        img = _photometric(img, gen)
     ph, pw = s.crop_size[0] - lab.shape[0], s.crop_size[1] - lab.shape[1]
     img = F.pad(img, (0, pw, 0, ph), value=0.0)
     lab = F.pad(lab, (0, pw, 0, ph), value=IGNORE_INDEX)
@@ -149,24 +165,37 @@ def augment(image: Tensor, label: Tensor, s: CityscapesSettings) -> tuple[Tensor
 
 
 class _TrainCrops(torch.utils.data.Dataset):
-    def __init__(self, base: torch.utils.data.Dataset, s: CityscapesSettings):
-        self.base, self.s = base, s
+    """Augmented training crops, indexed by (stream position, image index) from ``InfiniteSampler``:
+    each crop's draws come from a generator keyed by (seed, position), the same on any rank."""
+
+    def __init__(self, base: torch.utils.data.Dataset, s: CityscapesSettings, seed: int):
+        self.base, self.s, self.seed = base, s, seed
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return augment(*self.base[i], self.s)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        pos, i = key
+        return augment(*self.base[i], self.s, keyed_generator(self.seed, pos))
 
 
 def train_segmenter(
     model: nn.Module, train: torch.utils.data.Dataset, s: CityscapesSettings, data: EvalData
 ) -> nn.Module:
     """SGD + poly schedule; CE (ignore 255) on the decode logits + ``aux_weight`` × CE on the
-    auxiliary logits, both upsampled to the crop."""
+    auxiliary logits, both upsampled to the crop.
+
+    Data-parallel, the union of the ranks' batches is the one-process batch (``InfiniteSampler``),
+    crops are drawn per stream position, dropout masks for the whole batch (``ShardDropout2d``),
+    BatchNorm over every rank (SyncBN), and each rank's loss is its pixels' CE sum over the global
+    count of labelled pixels (× world, as DDP averages): the one-process gradient, up to float
+    summation order."""
     ctx = data.dist
     if s.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {s.batch_size} is not divisible by the world size {ctx.world_size}")
+    for m in model.modules():
+        if isinstance(m, ShardDropout2d):
+            m.shard = (ctx.rank, ctx.world_size)
     model = data_parallel(model.to(data.device).train(), data)
     lr = scaled_lr(s.lr, s.batch_size, s.lr_batch)
     if ctx.is_main:
@@ -176,35 +205,58 @@ def train_segmenter(
     poly = lambda it: ((lr - s.min_lr) * (1 - it / s.iterations) ** s.power + s.min_lr) / lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
     loader = DataLoader(
-        _TrainCrops(train, s),
+        _TrainCrops(train, s, data.seed),
         batch_size=s.batch_size // ctx.world_size,
         num_workers=data.num_workers,
-        sampler=InfiniteSampler(len(train), data.seed, ctx.rank, ctx.world_size),
+        sampler=InfiniteSampler(len(train), data.seed, ctx.rank, ctx.world_size, positions=True),
+        pin_memory=data.device.type == "cuda",
     )
-    running = 0.0
+    running = torch.zeros((), device=data.device)
     for it, (images, labels) in zip(range(s.iterations), loader, strict=False):
-        images, labels = normalize(images.to(data.device)), labels.to(data.device)
-        logits, aux = model(images)
-        size = labels.shape[-2:]
-        loss = F.cross_entropy(resize_logits(logits, size, s.align_corners), labels, ignore_index=IGNORE_INDEX)
-        loss = loss + s.aux_weight * F.cross_entropy(
-            resize_logits(aux, size, s.align_corners), labels, ignore_index=IGNORE_INDEX
-        )
-        if not torch.isfinite(loss):
-            raise TrainingError(f"cityscapes fine-tune: non-finite loss at iteration {it}")
+        images = normalize(images.to(data.device, non_blocking=True))
+        labels = labels.to(data.device, non_blocking=True)
+        with autocast(s, data.device):
+            logits, aux = model(images)
+        loss = _seg_loss(logits.float(), aux.float(), labels, s, data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        running += loss.item()
-        if ctx.is_main and ((it + 1) % s.log_every == 0 or it + 1 == s.iterations):
-            data.log(
-                f"[seg] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} "
-                f"loss={running / ((it % s.log_every) + 1):.3f}"
-            )
-            watch.update(it + 1, {"loss": running / ((it % s.log_every) + 1)})
-            running = 0.0
+        running += loss.detach()  # no host sync until a logging iteration
+        if (it + 1) % s.log_every == 0 or it + 1 == s.iterations:
+            mean = _logged_loss(running, (it % s.log_every) + 1, it, ctx, data.device)
+            if ctx.is_main:
+                data.log(f"[seg] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} loss={mean:.3f}")
+                watch.update(it + 1, {"loss": mean})
+            running = torch.zeros((), device=data.device)
     return model
+
+
+def _seg_loss(logits: Tensor, aux: Tensor, labels: Tensor, s: CityscapesSettings, data: EvalData) -> Tensor:
+    """CE(decode) + aux_weight × CE(aux) over labelled pixels; over the ranks' union batch when
+    data-parallel (see ``train_segmenter``)."""
+    size, ctx = labels.shape[-2:], data.dist
+    up = lambda x: resize_logits(x, size, s.align_corners)  # noqa: E731
+    if not ctx.enabled:
+        loss = F.cross_entropy(up(logits), labels, ignore_index=IGNORE_INDEX)
+        return loss + s.aux_weight * F.cross_entropy(up(aux), labels, ignore_index=IGNORE_INDEX)
+    total = (labels != IGNORE_INDEX).sum().float()
+    torch.distributed.all_reduce(total)  # labelled pixels of the global batch
+    loss = F.cross_entropy(up(logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = loss + s.aux_weight * F.cross_entropy(up(aux), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss * ctx.world_size / total.clamp(min=1)
+
+
+def _logged_loss(running: Tensor, n: int, it: int, ctx: DistContext, device: torch.device) -> float:
+    """Mean loss of the global batches since the last log; raises on a non-finite one."""
+    if ctx.enabled:
+        running = running.clone()
+        torch.distributed.all_reduce(running)
+        running /= ctx.world_size
+    mean = float(running) / n  # the one host sync per log_every iterations
+    if not math.isfinite(mean):
+        raise TrainingError(f"cityscapes fine-tune: non-finite loss in iterations {it + 2 - n}..{it + 1}")
+    return mean
 
 
 @torch.no_grad()

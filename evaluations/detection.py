@@ -12,12 +12,25 @@ All backbone stages train (``FREEZE_AT: 0``) with BatchNorm in train mode (SyncB
 RoIs are pooled as detectron2's ``ROIAlignV2`` (``aligned=True``, adaptive sampling ratio 0), the
 pooler of every config the papers fine-tune with; after training, PreciseBN recomputes the BN
 statistics (``TEST.PRECISE_BN.ENABLED: True`` in MoCo's and mmselfsup's detectron2 configs).
+
+Data-parallel (``data.dist``, world W): rank r takes every W-th position of one global sample
+stream (``InfiniteSampler``), so the ranks' local batches together are the one-process batch;
+each image's randomness (flip, train size, RPN / RoI fg-bg samples) comes from a generator keyed
+by its stream position; BatchNorm is synchronised (torch's SyncBN on GPUs, ``GlooSyncBatchNorm``
+on CPU) and PreciseBN weights the global statistics by global counts. What still differs from one
+process: torchvision averages each loss over the samples of its own process (the mask loss over
+its positive RoIs; the RPN / RoI losses too when an image has fewer than ``*_batch_per_image``
+candidates), and a batch is padded to its largest image per process. Measured at micro (3
+iterations, batch 4, 2 gloo processes): parameters max |Δ| 1.1e-5, BN running statistics 2.8e-4,
+COCO metrics equal (``tests/test_distributed_evals.py``). On CUDA the forward runs under bf16
+autocast (``amp``); the loop reads losses back to the host only on logging iterations.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -38,8 +52,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from cropbench.data.coco import collate_detection
+from cropbench.dist import DistContext
 from cropbench.errors import ConfigError, TrainingError
 from cropbench.evaluations.base import EvalData
+from cropbench.evaluations.parallel import convert_sync_batchnorm, keyed_generator
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ class DetectionSettings:
     precise_bn_iters: int = 20  # PreciseBN batches after training, at most `iterations` (paper: 200)
     score_thresh: float = 0.05  # SCORE_THRESH_TEST
     log_every: int = 50
+    amp: bool = True  # bf16 autocast on CUDA (detectron2 SOLVER.AMP.ENABLED; the papers' configs: fp32); CPU: off
 
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -167,6 +184,47 @@ def _c4_parts(body: nn.Module, s: DetectionSettings) -> dict:
     )
 
 
+class KeyedFgBgSampler(BalancedPositiveNegativeSampler):
+    """torchvision's ``BalancedPositiveNegativeSampler`` (the same counts: up to
+    ``batch_size_per_image × positive_fraction`` positives, negatives fill the rest) drawing each
+    image's random subset from that image's own generator (``generators``, set before a training
+    forward); with ``generators`` None it is torchvision's sampler (the global generator)."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        if self.generators is None:
+            return super().__call__(matched_idxs)
+        pos_masks, neg_masks = [], []
+        for matched, gen in zip(matched_idxs, self.generators, strict=True):
+            positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            pos = positive[torch.randperm(positive.numel(), generator=gen)[:num_pos].to(matched.device)]
+            neg = negative[torch.randperm(negative.numel(), generator=gen)[:num_neg].to(matched.device)]
+            pos_masks.append(torch.zeros_like(matched, dtype=torch.uint8).index_fill_(0, pos, 1))
+            neg_masks.append(torch.zeros_like(matched, dtype=torch.uint8).index_fill_(0, neg, 1))
+        return pos_masks, neg_masks
+
+
+def use_image_generators(model: nn.Module, gens: list[torch.Generator] | None) -> None:
+    """Key a training forward's randomness by image: the train-size choice of torchvision's
+    transform, then the RPN's and the RoI heads' fg/bg samples, each image from its generator (in
+    the batch's order). None restores torchvision's global-generator draws."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net.rpn.fg_bg_sampler.generators = gens
+    net.roi_heads.fg_bg_sampler.generators = gens
+    if gens is None:
+        net.transform.__dict__.pop("torch_choice", None)
+        return
+    per_image = iter(gens)
+    net.transform.torch_choice = lambda k: k[
+        int(torch.empty(()).uniform_(0.0, float(len(k)), generator=next(per_image)))
+    ]
+
+
 def build_detector(encoder: nn.Module, num_classes: int, s: DetectionSettings) -> GeneralizedRCNN:
     """Faster / Mask R-CNN on a deep copy of ``encoder`` (``num_classes`` excludes background)."""
     body = copy.deepcopy(encoder)
@@ -193,6 +251,9 @@ def build_detector(encoder: nn.Module, num_classes: int, s: DetectionSettings) -
         )
     else:
         model = FasterRCNN(**kwargs)
+    for head in (model.rpn, model.roi_heads):
+        old = head.fg_bg_sampler
+        head.fg_bg_sampler = KeyedFgBgSampler(old.batch_size_per_image, old.positive_fraction)
     return model
 
 
@@ -267,16 +328,30 @@ def log_lr_scaling(tag: str, lr: float, batch_size: int, lr_batch: int, log: Cal
     return used
 
 
-class InfiniteSampler(Sampler[int]):
-    """Endless reshuffled passes over the dataset, one rank's share (detectron2 TrainingSampler)."""
+class InfiniteSampler(Sampler):
+    """Endless reshuffled passes over the dataset (detectron2 TrainingSampler), one rank's share.
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+    The passes form one global stream of indices; rank r takes stream positions r, r + world, ...
+    So local batch ``it`` of B/world items on each rank is, over the ranks, exactly the
+    one-process batch ``it`` of B items (stream positions it·B .. it·B + B − 1), whatever the
+    dataset size. ``positions=True`` yields (stream position, index) pairs, for randomness keyed
+    by the position (``parallel.keyed_generator``)."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, positions: bool = False):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.positions = positions
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         g = torch.Generator().manual_seed(self.seed)
-        while True:
-            yield from torch.randperm(self.size, generator=g)[self.rank :: self.world_size].tolist()
+        stream = (i for _ in itertools.count() for i in torch.randperm(self.size, generator=g).tolist())
+        for pos, i in enumerate(stream):
+            if pos % self.world_size == self.rank:
+                yield (pos, i) if self.positions else i
+
+
+def stream_positions(it: int, local_batch: int, ctx: DistContext) -> list[int]:
+    """Global stream positions of local batch ``it`` on this rank (see ``InfiniteSampler``)."""
+    return [(it * local_batch + j) * ctx.world_size + ctx.rank for j in range(local_batch)]
 
 
 def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -295,28 +370,34 @@ def _to_device(
     images: list[Tensor],
     targets: list[dict],
     s: DetectionSettings,
-    gen: torch.Generator,
+    gens: list[torch.Generator],
     device: torch.device,
 ) -> tuple[list[Tensor], list[dict]]:
-    """uint8 images -> float 0..1 on device (the model normalises), random flips, targets moved."""
+    """uint8 images -> float 0..1 on device (the model normalises), random flips (one generator
+    per image, keyed by its stream position), targets moved."""
     out_i, out_t = [], []
-    for img, tgt in zip(images, targets, strict=True):
+    for img, tgt, gen in zip(images, targets, gens, strict=True):
         if s.hflip and torch.rand((), generator=gen) < 0.5:
             img, tgt = hflip(img, tgt)
-        out_i.append(img.to(device, torch.float32) / 255.0)
-        out_t.append({k: v.to(device) for k, v in tgt.items()})
+        out_i.append(img.to(device, non_blocking=True).float() / 255.0)
+        out_t.append({k: v.to(device, non_blocking=True) for k, v in tgt.items()})
     return out_i, out_t
 
 
 def data_parallel(model: nn.Module, data: EvalData) -> nn.Module:
-    """DDP over ``data.dist`` with SyncBN (backbone, FPN, heads: the papers' configs). torch's
-    SyncBatchNorm runs on GPUs only, so CPU (gloo) ranks keep per-process BatchNorm statistics."""
+    """DDP over ``data.dist`` with SyncBN (backbone, FPN, heads: the papers' configs): torch's
+    ``SyncBatchNorm`` on GPUs, ``parallel.GlooSyncBatchNorm`` on CPU (torch's refuses CPU)."""
     if not data.dist.enabled:
         return model
-    if data.device.type != "cpu":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = convert_sync_batchnorm(model, data.device)
     device_ids = [data.device] if data.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def autocast(s: DetectionSettings | object, device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA when the settings' ``amp`` is on; a no-op on CPU."""
+    enabled = device.type == "cuda" and bool(getattr(s, "amp", True))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def train_detector(model: GeneralizedRCNN, dataset: Dataset, s: DetectionSettings, data: EvalData) -> nn.Module:
@@ -330,38 +411,58 @@ def train_detector(model: GeneralizedRCNN, dataset: Dataset, s: DetectionSetting
     watch = LossWatch("[det]", data.log)
     opt = _optimizer(model, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, s))
+    local = s.batch_size // ctx.world_size
     loader = DataLoader(
         dataset,
-        batch_size=s.batch_size // ctx.world_size,
+        batch_size=local,
         collate_fn=collate_detection,
         sampler=InfiniteSampler(len(dataset), data.seed, ctx.rank, ctx.world_size),
         num_workers=data.num_workers,
+        pin_memory=data.device.type == "cuda",
     )
-    flip_gen = torch.Generator().manual_seed(data.seed + 7919 * (ctx.rank + 1))
-    running: dict[str, float] = {}
+    running: dict[str, Tensor] = {}
     for it, (images, targets) in zip(range(s.iterations), loader, strict=False):
-        images, targets = _to_device(images, targets, s, flip_gen, data.device)
-        losses = model(images, targets)  # loss_classifier, loss_box_reg, [loss_mask], loss_objectness, loss_rpn_box_reg
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"detection fine-tune: non-finite loss at iteration {it}: "
-                f"{ {k: round(v.item(), 4) for k, v in losses.items()} }"
-            )
+        gens = [keyed_generator(data.seed, 7919, p) for p in stream_positions(it, local, ctx)]
+        images, targets = _to_device(images, targets, s, gens, data.device)
+        use_image_generators(model, gens)  # then the size choice and the fg/bg samples
+        with autocast(s, data.device):
+            # loss_classifier, loss_box_reg, [loss_mask], loss_objectness, loss_rpn_box_reg
+            losses = model(images, targets)
+        loss = sum(v.float() for v in losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + v.item()
-        if ctx.is_main and ((it + 1) % s.log_every == 0 or it + 1 == s.iterations):
-            n = (it % s.log_every) + 1
-            parts = " ".join(f"{k.removeprefix('loss_')}={v / n:.3f}" for k, v in running.items())
-            data.log(f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}")
-            watch.update(it + 1, {k: v / n for k, v in running.items()})
+        for k, v in losses.items():  # device tensors: no host sync until a logging iteration
+            running[k] = running.get(k, 0.0) + v.detach().float()
+        if (it + 1) % s.log_every == 0 or it + 1 == s.iterations:
+            _log_losses(it, running, s, opt, watch, data)
             running = {}
     _precise_bn_pass(model, dataset, s, data)
+    use_image_generators(model, None)
     return model
+
+
+def _log_losses(
+    it: int,
+    running: dict[str, Tensor],
+    s: DetectionSettings,
+    opt: torch.optim.Optimizer,
+    watch: LossWatch,
+    data: EvalData,
+) -> None:
+    """The mean of each loss term since the last log (rank 0's); raises on a non-finite one."""
+    n = (it % s.log_every) + 1
+    means = {k: float(v) / n for k, v in running.items()}  # the one host sync per log_every iterations
+    if not all(math.isfinite(v) for v in means.values()):
+        raise TrainingError(
+            f"detection fine-tune: non-finite loss in iterations {it + 2 - n}..{it + 1}: "
+            f"{ {k: round(v, 4) for k, v in means.items()} }"
+        )
+    if data.dist.is_main:
+        parts = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in means.items())
+        data.log(f"[det] iter {it + 1}/{s.iterations} lr={opt.param_groups[0]['lr']:.4g} {parts}")
+        watch.update(it + 1, means)
 
 
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -375,19 +476,22 @@ def precise_bn(
     batches: Iterable[tuple],
     iters: int,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    count: Callable[[int], int] | None = None,
 ) -> int:
     """PreciseBN (fvcore ``update_bn_stats`` as detectron2's ``hooks.PreciseBN`` runs it): with
     the weights fixed, set each training-mode BatchNorm's running statistics to the population
     statistics of ``iters`` batches: mean = count-weighted mean of batch means, var = E[x²] −
     E[x]² (batch variances un-Bessel-corrected). ``batches`` yields ``model``'s positional
-    arguments; ``reduce`` (e.g. a mean over ranks) is applied to the (mean, E[x²]) estimates.
-    Returns how many BatchNorm layers were updated."""
+    arguments; ``reduce`` (e.g. a mean over ranks) is applied to the (mean, E[x²]) estimates;
+    ``count`` maps a layer's local sample count to the count its statistics span (the global
+    batch's, for BatchNorm synchronised over ranks). Returns how many BatchNorm layers were updated."""
     bns = _bn_layers(model)
     if not bns or iters < 1:
         return 0
     counts: dict[nn.Module, int] = {}
+    size = count or (lambda n: n)
     hooks = [
-        bn.register_forward_pre_hook(lambda m, inp: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+        bn.register_forward_pre_hook(lambda m, inp: counts.__setitem__(m, size(inp[0].numel() // inp[0].shape[1])))
         for bn in bns
     ]
     momenta, tot = [bn.momentum for bn in bns], [0] * len(bns)
@@ -420,7 +524,9 @@ def precise_bn(
 
 def _precise_bn_pass(model: nn.Module, dataset: Dataset, s: DetectionSettings, data: EvalData) -> None:
     """PreciseBN over ``min(precise_bn_iters, iterations)`` fresh training batches (detectron2
-    builds a new train loader), on the unwrapped model; ranks average their estimates."""
+    builds a new train loader), on the unwrapped model. Data-parallel, BatchNorm is synchronised
+    (``data_parallel``): every rank sees the global batch's statistics and weights them by the
+    global count, so every rank computes the one-process estimate."""
     iters = min(s.precise_bn_iters, s.iterations)
     if iters < 1:
         return
@@ -432,18 +538,23 @@ def _precise_bn_pass(model: nn.Module, dataset: Dataset, s: DetectionSettings, d
         collate_fn=collate_detection,
         sampler=InfiniteSampler(len(dataset), data.seed + 1, ctx.rank, ctx.world_size),
         num_workers=data.num_workers,
+        pin_memory=data.device.type == "cuda",
     )
-    gen = torch.Generator().manual_seed(data.seed + 104729 * (ctx.rank + 1))
-    batches = (_to_device(images, targets, s, gen, data.device) for images, targets in loader)
+    local = s.batch_size // ctx.world_size
 
-    def mean_over_ranks(t: Tensor) -> Tensor:
-        if not ctx.enabled:
-            return t
-        t = t.to(data.device)
+    def batches() -> Iterator[tuple]:
+        for it, (images, targets) in enumerate(loader):
+            gens = [keyed_generator(data.seed, 104729, p) for p in stream_positions(it, local, ctx)]
+            batch = _to_device(images, targets, s, gens, data.device)
+            use_image_generators(net, gens)
+            yield batch
+
+    def global_count(n: int) -> int:  # SyncBN: each layer's statistics span every rank's batch
+        t = torch.tensor([n], device=data.device if data.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
-        return t.cpu() / ctx.world_size
+        return int(t)
 
-    n = precise_bn(net, batches, iters, mean_over_ranks)
+    n = precise_bn(net, batches(), iters, count=global_count if ctx.enabled else None)
     data.log(f"[det] PreciseBN: {n} BatchNorm layers over {iters} batches")
 
 

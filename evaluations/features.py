@@ -9,6 +9,12 @@ Features are cached under ``data.cache_dir/features/<key>.pt``, keyed by a hash 
 weights and buffers, the dataset (name, resolved folder, split), the transform and the numeric mode
 (bf16 on CUDA, fp32 on CPU); the file is written to a temporary name and renamed into place. A
 dataset rewritten in place at the same path is not detected: clear the cache after doing that.
+
+Data-parallel (``data.dist`` with world > 1): rank r encodes the extraction batches r, r + world,
+... of the one-process pass (``parallel.shard_batches``: the same batches, so the same features,
+bit for bit on CPU) and every rank receives all rows in dataset order (``gather_batches``). The
+ranks use the cache only when every rank can read it (``all_agree``); rank 0 alone writes it, and
+the others wait for the write (barrier) so that a following read finds it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.images import collate_images, normalize
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData
+from cropbench.evaluations.parallel import all_agree, barrier, batch_sizes, gather_batches, shard_batches
 
 # bump when the extraction changes: old cache files are then ignored
 CACHE_VERSION = 2  # 2: ImageFolder labels from the training split's class index
@@ -105,6 +112,8 @@ def _forward_all(encoder: nn.Module, loader: DataLoader, crop: int, device: torc
             f = encoder(x)  # B×D
         feats.append(f.float().cpu())
         labels.append(batch.labels.cpu())
+    if not feats:  # a rank with no batch (fewer batches than ranks)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -134,12 +143,26 @@ def extract_features(
         )
         path = Path(data.cache_dir) / "features" / f"{key}.pt"
         cached = _load_cached(path, data)
-        if cached is not None:
+        if all_agree(cached is not None, data.dist, device):
             data.log(f"features: cache hit for {dataset}/{split} ({path.name})")
             return cached
     ds = build_dataset(dataset, split, data.root, data.scale, image_size=resize)
+    feats, labels = _extract_sharded(encoder, ds, crop, batch_size, data)
+    if path is not None:
+        if data.dist.is_main:
+            _atomic_save({"feats": feats, "labels": labels}, path)
+            data.log(f"features: extracted {dataset}/{split} {tuple(feats.shape)} -> {path}")
+        barrier(data.dist)  # the file is complete before any rank looks for it again
+    return feats, labels
+
+
+def _extract_sharded(encoder: nn.Module, ds: Any, crop: int, batch_size: int, data: EvalData) -> tuple[Tensor, Tensor]:
+    """This rank's batches of the one-process pass through the frozen encoder, gathered from every
+    rank in dataset order -> (N×D float32, N int64) on CPU."""
+    device = torch.device(data.device)
+    indices = shard_batches(len(ds), batch_size, data.dist)
     loader = DataLoader(
-        ds,
+        torch.utils.data.Subset(ds, indices) if data.dist.enabled else ds,
         batch_size=batch_size,
         shuffle=False,
         num_workers=data.num_workers,
@@ -154,10 +177,8 @@ def extract_features(
         feats, labels = _forward_all(encoder, loader, crop, device)
     finally:
         encoder.train(was_training)
-    if path is not None:
-        _atomic_save({"feats": feats, "labels": labels}, path)
-        data.log(f"features: extracted {dataset}/{split} {tuple(feats.shape)} -> {path}")
-    return feats, labels
+    sizes, ctx = batch_sizes(len(ds), batch_size), data.dist
+    return gather_batches(feats, sizes, ctx, device), gather_batches(labels, sizes, ctx, device)
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

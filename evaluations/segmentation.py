@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from cropbench.errors import ConfigError, CropbenchError
+from cropbench.evaluations.parallel import ShardDropout2d
 
 
 def _dilate_stage(stage: nn.Sequential, dilation: int) -> None:
@@ -72,7 +73,7 @@ class FCNHead(nn.Module):
         convs = [_conv_bn_relu(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)]
         self.convs = nn.Sequential(*convs)
         self.conv_cat = _conv_bn_relu(in_channels + channels, channels, 3) if concat_input else None
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = ShardDropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -228,6 +228,6 @@ def test_linear_training_clips_are_colour_augmented_finetune_clips_are_not(brigh
     for mode in ("linear", "finetune"):
         s = ActionSettings(mode=mode, image_size=16, crop=12, frames=4, stride=1, batch_size=64, ft_batch=64)
         ds = build_dataset("synth_ucf101", "train1", brightness_root, image_size=16)
-        views, _ = next(action.train_batches(ds, s, 0, torch.Generator().manual_seed(0), shuffle=False))
+        views = next(action.train_batches(ds, s, 0, torch.Generator().manual_seed(0), shuffle=False)).views
         assert views.shape[1:] == (3, 4, 12, 12)
         assert len(calls) == 1  # linear: once; finetune: not again
