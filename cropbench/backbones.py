@@ -18,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from cropbench.config import check_kwargs
 from cropbench.registry import BACKBONES
 
 
@@ -57,13 +58,13 @@ def _from_torchvision(arch: str, model: torchvision.models.ResNet, stride: int) 
 
 
 @BACKBONES.register("resnet18")
-def resnet18(zero_init_residual: bool = False, **_: Any) -> ResNetBackbone:
+def resnet18(zero_init_residual: bool = False) -> ResNetBackbone:
     """torchvision ResNet-18 (512-d), ImageNet stem."""
     return _from_torchvision("resnet18", torchvision.models.resnet18(zero_init_residual=zero_init_residual), 32)
 
 
 @BACKBONES.register("resnet50")
-def resnet50(zero_init_residual: bool = False, **_: Any) -> ResNetBackbone:
+def resnet50(zero_init_residual: bool = False) -> ResNetBackbone:
     """torchvision ResNet-50 (2048-d), ImageNet stem."""
     return _from_torchvision("resnet50", torchvision.models.resnet50(zero_init_residual=zero_init_residual), 32)
 
@@ -95,7 +96,6 @@ def _make_layer(
 def resnet_micro(
     widths: tuple[int, ...] | list[int] = (16, 32, 64, 128),
     depths: tuple[int, ...] | list[int] = (1, 1, 1, 1),
-    **_: Any,
 ) -> ResNetBackbone:
     """A narrow ResNet with a CIFAR stem (3x3 conv, no max-pool), sized for 32-px views on a CPU.
 
@@ -115,4 +115,8 @@ def resnet_micro(
 
 
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
-    return BACKBONES.get(name)(**kwargs)
+    """The registered backbone ``name`` built with ``kwargs`` (a recipe's ``backbone_args``); a key
+    the backbone does not take is a ``ConfigError`` naming it and the valid ones."""
+    factory = BACKBONES.get(name)
+    check_kwargs(factory, kwargs, f"backbone_args of {name}")
+    return factory(**kwargs)

@@ -49,13 +49,14 @@ from cropbench.errors import CropbenchError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.features import extract_features, topk_accuracy
 from cropbench.evaluations.linear import LinearSettings, lr_at, make_probe, probe_scores, train_probe
-from cropbench.methods.base import ImageBatch
+from cropbench.io import write_text_atomic
 from cropbench.methods.heads import simclr_projector
-from cropbench.methods.views import ViewConfig, make_view
 from cropbench.optim import build_optimizer, named_params
 from cropbench.recipe import Recipe, flatten, load_entry
 from cropbench.runner import build_method, eval_settings, method_config, method_context, resolve_device
-from cropbench.trainer import Trainer, views_generator, write_text_atomic
+from cropbench.trainer import Trainer, views_generator
+from cropbench.types import ImageBatch
+from cropbench.views.image import ViewConfig, make_view
 
 SECTIONS = ("views", "step", "linear", "gpu", "e2e")
 QUICK_SECTIONS = ("views", "step", "linear", "gpu")  # e2e is a full micro run: only when asked for

@@ -102,6 +102,9 @@ def show(entry: str, full: bool) -> None:
             r = e.recipe(v, scale)
             click.echo(f"  [{scale}] recipe {r.hash()}: {_recipe_summary(r)}")
             if full:
+                presets = e.eval_presets(v, scale)  # the named protocols its eval settings start from
+                if presets:
+                    click.echo("    eval presets: " + ", ".join(f"{k}={p}" for k, p in presets.items()))
                 body = yaml.safe_dump(r.to_dict(), sort_keys=False, default_flow_style=None, width=100)
                 click.echo("\n".join("    " + line for line in body.splitlines()))
     if e.references:

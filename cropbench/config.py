@@ -8,8 +8,10 @@ dataclass fields (one place), each with a one-line why in a comment.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from cropbench.errors import ConfigError
@@ -134,4 +136,16 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-__all__ = ["from_dict", "to_dict", "deep_merge", "convert", "typing"]
+__all__ = ["from_dict", "to_dict", "deep_merge", "convert", "check_kwargs", "typing"]
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, skip: int = 0) -> None:
+    """Reject a keyword ``fn`` does not declare (a typo in ``backbone_args`` or a dataset argument):
+    a ``ConfigError`` naming ``what``, the key and the valid keys. ``skip``: leading positional
+    parameters that are not settings (a dataset builder's ``folder, split``)."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) or "(none)"
+        raise ConfigError(f"{what}: unknown argument {unknown[0]!r}; valid arguments: {listed}")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cropbench.errors import CropbenchError
+from cropbench.io import atomic_open, save_torch_atomic
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _RESNET_KEY = re.compile(
@@ -121,16 +122,13 @@ def save_detectron2(state_dict: dict[str, Tensor], out: Path) -> Path:
         "__author__": "cropbench",
         "matching_heuristics": True,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:
+    with atomic_open(out, "wb") as f:
         pickle.dump(blob, f)
     return out
 
 
 def save_torchvision(state_dict: dict[str, Tensor], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(to_torchvision(state_dict), out)
-    return out
+    return save_torch_atomic(to_torchvision(state_dict), out)
 
 
 def export_checkpoint(ckpt_path: Path, fmt: Format, out_path: Path | None = None) -> Path:

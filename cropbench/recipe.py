@@ -9,6 +9,7 @@ evaluation's ``Settings`` validates ``recipe.eval[name]``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import yaml
 
 from cropbench.config import deep_merge, from_dict, to_dict
 from cropbench.errors import ConfigError, UnknownNameError
+from cropbench.registry import EVALUATIONS
 
 SCALES = ("micro", "small", "paper")
 Scale = Literal["micro", "small", "paper"]
@@ -240,7 +242,41 @@ class Entry:
 
     def recipe(self, variant: str = "default", scale: str = "micro", overrides: dict | None = None) -> Recipe:
         where = f"{self.path} (variant {variant!r}, scale {scale!r})"
-        return check_ranges(from_dict(Recipe, self.raw_recipe(variant, scale, overrides), where), where)
+        raw = self.raw_recipe(variant, scale, overrides)
+        if "eval" in raw:
+            raw["eval"] = resolve_presets(raw["eval"], where)
+        return check_ranges(from_dict(Recipe, raw, where), where)
+
+    def eval_presets(self, variant: str = "default", scale: str = "micro") -> dict[str, str]:
+        """The preset each evaluation's settings start from at this variant and scale (``show``)."""
+        section = self.raw_recipe(variant, scale).get("eval") or {}
+        return {k: v[PRESET] for k, v in section.items() if isinstance(v, dict) and PRESET in v}
+
+
+PRESET = "preset"  # eval.<name>.preset: a named protocol of that evaluation (its ``presets``)
+
+
+def resolve_presets(section: Any, where: str) -> Any:
+    """``eval.<name>: {preset: P, **keys}`` -> evaluation ``name``'s preset P with ``keys`` on top.
+
+    The preset is the base of that evaluation's settings; keys written next to it, in any recipe
+    layer (base, scale, variant, ``--set``), override it. An unknown preset is a ``ConfigError``
+    listing the evaluation's presets."""
+    if not isinstance(section, dict):
+        return section  # from_dict reports the bad type
+    return {name: _resolve_preset(name, settings, where) for name, settings in section.items()}
+
+
+def _resolve_preset(name: str, settings: Any, where: str) -> Any:
+    if not isinstance(settings, dict) or PRESET not in settings:
+        return settings
+    presets = EVALUATIONS.get(name).presets
+    chosen = settings[PRESET]
+    if not isinstance(chosen, str) or chosen not in presets:
+        listed = ", ".join(sorted(presets)) or "(none)"
+        raise ConfigError(f"{where}: eval.{name}.preset: unknown preset {chosen!r}; valid presets of {name}: {listed}")
+    rest = {k: v for k, v in settings.items() if k != PRESET}
+    return deep_merge(copy.deepcopy(presets[chosen]), rest)
 
 
 def parse_entry(data: Any, path: str) -> Entry:

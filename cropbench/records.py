@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import socket
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 
 from cropbench.config import from_dict, to_dict
 from cropbench.errors import CropbenchError
+from cropbench.io import write_text_atomic
 
 
 class RecordKey(NamedTuple):
@@ -106,23 +105,6 @@ def record_path(root: Path, key: _HasKey) -> Path:
     return Path(root) / key.scale / key.entry / key.variant / key.eval / f"seed{key.seed}.json"
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path``, fsync it, rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def record_json(rec: Record) -> str:
     """The record's file text: sorted keys, indent 2, trailing newline."""
     return json.dumps(dataclasses.asdict(rec), sort_keys=True, indent=2) + "\n"
@@ -130,7 +112,7 @@ def record_json(rec: Record) -> str:
 
 def write_record(root: Path, rec: Record) -> Path:
     """Write (or replace) the record's file atomically; returns its path."""
-    return atomic_write_text(record_path(root, rec), record_json(rec))
+    return write_text_atomic(record_path(root, rec), record_json(rec))
 
 
 def read_record(path: Path) -> Record:

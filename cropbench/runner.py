@@ -29,8 +29,14 @@ import torch
 import torch.distributed as dist
 
 from cropbench.backbones import build_backbone
-from cropbench.config import deep_merge, from_dict
-from cropbench.data import build_dataset, dataset_folder, default_data_root, validate_dataset
+from cropbench.config import deep_merge, from_dict, to_dict
+from cropbench.data import (
+    build_dataset,
+    check_dataset_kwargs,
+    dataset_folder,
+    default_data_root,
+    validate_dataset,
+)
 from cropbench.dist import (
     DistContext,
     any_rank,
@@ -48,6 +54,7 @@ from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.recipe import RUNTIME_ONLY, Entry, Recipe, flatten, load_entry
 from cropbench.registry import DATASETS, EVALUATIONS, METHODS
 from cropbench.trainer import CHECKPOINT, Trainer, TrainResult, read_checkpoint
+from cropbench.views.generators import VIEW_GENERATORS, build_views
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM_INIT = "+random_init"
@@ -87,9 +94,29 @@ def seeded_recipe(entry: Entry, spec: RunSpec, seed: int) -> Recipe:
     return entry.recipe(spec.variant, spec.scale, deep_merge(spec.overrides, {"train": {"seed": seed}}))
 
 
+def views_spec(recipe: Recipe) -> dict[str, Any] | None:
+    """``params.views`` when it names a view generator (``{generator: NAME, ...}``), else None
+    (the method's default generator, built from its own ``params.views``)."""
+    views = recipe.params.get("views")
+    return views if isinstance(views, dict) and "generator" in views else None
+
+
 def method_config(recipe: Recipe, where: str = "") -> Any:
-    """The method's ``Config`` validated from ``recipe.params`` (defaults filled in)."""
-    return from_dict(METHODS.get(recipe.method).Config, recipe.params, where, "params")
+    """The method's ``Config`` validated from ``recipe.params`` (defaults filled in); a
+    ``params.views`` that names a generator is the generator's (``build_views``), not the method's."""
+    params = {k: v for k, v in recipe.params.items() if not (k == "views" and views_spec(recipe))}
+    return from_dict(METHODS.get(recipe.method).Config, params, where, "params")
+
+
+def resolved_config(recipe: Recipe, where: str = "") -> Any:
+    """What records carry as ``provenance.config``: the method's Config, and when the recipe names
+    a view generator, ``views`` = that generator's validated Config (with its name)."""
+    cfg, spec = method_config(recipe, where), views_spec(recipe)
+    if spec is None:
+        return cfg
+    gen = VIEW_GENERATORS.get(spec["generator"])
+    gen_cfg = from_dict(gen.Config, {k: v for k, v in spec.items() if k != "generator"}, where, "params.views")
+    return {**to_dict(cfg), "views": {"generator": spec["generator"], **to_dict(gen_cfg)}}
 
 
 def build_method(recipe: Recipe, ctx: MethodContext, where: str = "") -> SSLMethod:
@@ -101,6 +128,11 @@ def build_method(recipe: Recipe, ctx: MethodContext, where: str = "") -> SSLMeth
     try:
         backbone = build_backbone(recipe.backbone, **recipe.backbone_args)
         method = cls(cfg, backbone, ctx)
+        spec = views_spec(recipe)
+        if spec is not None:  # built after the heads: a learned generator draws its weights last
+            method.views = build_views(spec, getattr(backbone, "output_stride", None))
+    except ConfigError as e:  # an unknown backbone_args key: say which recipe holds it
+        raise ConfigError(f"{where}: {e}") from e
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {recipe.method} on {recipe.backbone} rejects these settings: {e}") from e
     _check_stride(cfg, backbone, where)
@@ -119,8 +151,13 @@ def _check_stride(cfg: Any, backbone: torch.nn.Module, where: str) -> None:
         )
 
 
+def train_set_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """The keywords the training set's builder receives (preflight checks them)."""
+    return {"image_size": recipe.data.image_size}
+
+
 def build_train_set(recipe: Recipe, data_root: Path | None) -> Any:
-    ds = build_dataset(recipe.data.dataset, recipe.data.train_split, data_root, image_size=recipe.data.image_size)
+    ds = build_dataset(recipe.data.dataset, recipe.data.train_split, data_root, **train_set_kwargs(recipe))
     if recipe.data.limit is not None:
         ds = _Limited(ds, range(min(recipe.data.limit, len(ds))))
     return ds
@@ -136,6 +173,10 @@ class _Limited(torch.utils.data.Subset):
 
 
 def method_context(recipe: Recipe, n_train: int, dist_ctx: DistContext) -> MethodContext:
+    """The method's view of the run. The one place the schedule length is computed: steps per
+    epoch = ``n_train // train.batch_size`` (capped by ``train.max_steps_per_epoch``); the trainer's
+    lr schedule and the method's own schedules (BYOL momentum, VideoMoCo adversarial start) read it
+    from here (``prepare_dataset`` keeps the sample count, the trainer checks)."""
     tc = recipe.train
     spe = n_train // tc.batch_size
     if tc.max_steps_per_epoch:
@@ -398,6 +439,7 @@ def preflight(
     recipe = plans[0].recipe
     settings = {name: eval_settings(name, recipe, entry.modality, where) for name in evals}
     build_method(recipe, method_context(recipe, 10**9, DistContext()), where)
+    check_dataset_kwargs(recipe.data.dataset, train_set_kwargs(recipe), "data.dataset")
     validate_dataset(recipe.data.dataset, data_root, recipe.data.train_split, spec.scale, "data.dataset")
     for name, s in settings.items():
         check_eval_data(s, data_root, spec.scale, f"eval.{name}.dataset")
@@ -612,7 +654,7 @@ def _write_run_record(
         **collect_provenance(recipe.to_dict(), str(device), spec.command or command_line()),
         "overrides": overrides_of(entry, spec, recipe),
         "world_size": ctx.world_size,
-        **protocol_provenance(name, settings, method_config(recipe, where)),
+        **protocol_provenance(name, settings, resolved_config(recipe, where)),
     }
     rec = Record(entry.name, variant, spec.scale, name, plan.seed, metrics, pretrain, wall, prov)
     return rec, write_record(Path(spec.out), rec)
@@ -820,7 +862,7 @@ def _write_eval_record(
         **collect_provenance(plan.recipe.to_dict(), str(device), command),
         "overrides": plan.overrides,
         "world_size": ctx.world_size,
-        **protocol_provenance(name, plan.settings[name], method_config(plan.recipe, where)),
+        **protocol_provenance(name, plan.settings[name], resolved_config(plan.recipe, where)),
         "weights": plan.weights,
         "external_weights": plan.external,
     }

@@ -25,7 +25,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from cropbench.errors import CropbenchError, UnknownNameError
-from cropbench.records import Record, atomic_write_text
+from cropbench.io import write_text_atomic
+from cropbench.records import Record
 
 FORMATS = ("md", "csv", "latex", "html")
 RANDOM_INIT = "+random_init"  # suffix of the runner's random-init baseline variant
@@ -329,7 +330,7 @@ def write_leaderboard(
     records: Iterable[Record], path: Path, fmt: str = "md", view: str = "all", entries_root: Path | None = None
 ) -> Path:
     """Write ``leaderboard(records, fmt, view)`` to ``path`` atomically."""
-    return atomic_write_text(Path(path), leaderboard(records, fmt, view, entries_root))
+    return write_text_atomic(Path(path), leaderboard(records, fmt, view, entries_root))
 
 
 def run_table(records: Iterable[Record]) -> str:

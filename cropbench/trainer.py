@@ -1,7 +1,7 @@
 """A plain PyTorch pretraining loop: views -> loss -> step, with checkpoints, resume and DDP.
 
     for epoch in range(start, epochs):
-        method.on_epoch_start(epoch)                 # e.g. CYBORGS regenerates masks
+        method.on_epoch_start(EpochContext(epoch))   # e.g. CYBORGS regenerates masks
         for batch in loader:                         # uint8 canvases / clips
             lr = schedule(step)
             out = method.training_step(batch, step, views_rng(step))   # views + loss
@@ -33,7 +33,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import pickle
 import sys
 import time
@@ -51,9 +50,11 @@ from tqdm import tqdm
 from cropbench.data.images import collate_images
 from cropbench.dist import DistContext, all_reduce_mean
 from cropbench.errors import CheckpointError, TrainingError
-from cropbench.methods.base import SSLMethod, StepOutput
+from cropbench.io import save_torch_atomic, write_text_atomic
+from cropbench.methods.base import EpochContext, SSLMethod, StepOutput
 from cropbench.optim import build_optimizer, lr_at, named_params, set_lr
 from cropbench.recipe import Recipe
+from cropbench.viewplot import draw_epoch_curves
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -251,19 +252,6 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 _PLAIN = (str, int, float, bool, type(None), Tensor, torch.Size)
 
 
@@ -316,6 +304,26 @@ def views_generator(seed: int, step: int, rank: int, device: torch.device) -> to
     return g
 
 
+def schedule_length(method: SSLMethod, dataset: Dataset, prepared: Dataset, recipe: Recipe) -> int:
+    """Steps per epoch of the lr schedule: the method's ``ctx.steps_per_epoch``, the one number its
+    own step schedules use too (computed once, by ``runner.method_context``, from the training
+    set). Errors when ``prepare_dataset`` changed the sample count, or when the method was built
+    for more steps than the data holds, or for another number of epochs."""
+    ctx, tc = method.ctx, recipe.train
+    if len(prepared) != len(dataset):
+        raise TrainingError(
+            f"{type(method).__name__}.prepare_dataset changed the number of training samples "
+            f"({len(dataset)} -> {len(prepared)}); the schedule length is computed from the training set"
+        )
+    if ctx.steps_per_epoch * tc.batch_size > len(prepared) or ctx.epochs != tc.epochs:
+        raise TrainingError(
+            f"the method was built for {ctx.steps_per_epoch} steps x {ctx.epochs} epochs at train.batch_size="
+            f"{tc.batch_size}, but this run has {len(prepared)} samples and {tc.epochs} epochs; build it with "
+            "runner.method_context(recipe, len(dataset), dist)"
+        )
+    return ctx.steps_per_epoch
+
+
 class Trainer:
     def __init__(
         self,
@@ -344,9 +352,7 @@ class Trainer:
             raise TrainingError(
                 f"the training set has {len(self.train_dataset)} samples, fewer than train.batch_size={tc.batch_size}"
             )
-        self.steps_per_epoch = len(self.train_dataset) // tc.batch_size
-        if tc.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, tc.max_steps_per_epoch)
+        self.steps_per_epoch = schedule_length(method, dataset, self.train_dataset, recipe)
         self.base_lr = recipe.optim.lr * tc.batch_size / recipe.optim.base_batch
         self.optimizer = build_optimizer(method.param_groups(), named_params(method), recipe.optim, self.base_lr)
         self.state = _State()
@@ -407,8 +413,9 @@ class Trainer:
             "finished": s.epoch >= self.recipe.train.epochs,
         }
         check_plain(blob)
-        save_atomic(blob, self.checkpoint_path())
+        save_torch_atomic(blob, self.checkpoint_path())
         write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(h, sort_keys=True) + "\n" for h in s.history))
+        draw_epoch_curves(self.run_dir, s.history, self.method.epoch_curves)  # e.g. ParamCrop's view IoU
 
     def load(self, path: Path | None = None) -> bool:
         """Restore the last checkpoint (weights_only); False when there is none. A checkpoint of
@@ -438,6 +445,10 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     # ----------------------------------------------------------------- loop
+    def _epoch_context(self, epoch: int) -> EpochContext:
+        """What the method's epoch hooks see (never the trainer itself)."""
+        return EpochContext(epoch, self.device, self.recipe.train.seed, self.run_dir, self.dist)
+
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         tc, s = self.recipe.train, self.state
         set_lr(
@@ -509,7 +520,7 @@ class Trainer:
         s.loss_last = losses[-1] if losses else all_reduce_mean(loss_t, self.dist).item()
         self._check_finite(s.loss_last)
         s.epoch = epoch + 1
-        extra = self.method.on_epoch_end(epoch, self) or {}
+        extra = self.method.on_epoch_end(self._epoch_context(epoch)) or {}
         s.history.append(
             {
                 "epoch": s.epoch,
@@ -528,7 +539,7 @@ class Trainer:
         try:
             for epoch in range(self.state.epoch, tc.epochs):
                 self.method.train()
-                self.method.on_epoch_start(epoch, self)
+                self.method.on_epoch_start(self._epoch_context(epoch))
                 self._epoch(epoch)
                 self._save()
         finally:

@@ -1,4 +1,6 @@
-"""``cropbench views ENTRY``: what an entry's views look like, and per-pair view statistics.
+"""Every plot cropbench draws: ``cropbench views ENTRY`` (what an entry's views look like, and
+per-pair view statistics) and the per-epoch curves methods declare (``SSLMethod.epoch_curves``).
+Methods hold only data (views with provenance, epoch logs); this module draws them.
 
 The entry's *micro* recipe builds the method and its dataset exactly as a run does; the method's
 own ``make_views`` cuts the views, so the picture and the numbers come from the same code path as
@@ -10,6 +12,9 @@ region box or segment map. Statistics come from the views' provenance (``ViewPro
 * ``scale_v<k>``: crop area / canvas area of view k; ``flipped``: share of flipped views;
 * ``region_area``: swapped region area / view area (RegionCL);
 * ``segments``: segment ids per view (CYBORGS masks).
+
+A video entry gets a strip per clip instead (``render_view_strip``): window frames with each view's
+crop cube drawn, then each view's frames; its statistics are cube IoU and centre distance.
 """
 
 from __future__ import annotations
@@ -23,11 +28,25 @@ from torch import Tensor
 
 from cropbench.data import build_dataset
 from cropbench.data.images import IMAGENET_MEAN, IMAGENET_STD, collate_images
-from cropbench.methods.base import MethodContext, View
-from cropbench.methods.views import box_iou, centre_distance
+from cropbench.methods.base import MethodContext
 from cropbench.recipe import load_entry
+from cropbench.types import EpochCurve, View
+from cropbench.views.image import box_iou, centre_distance
+from cropbench.views.video import cube_centre_distance, cube_iou
+from cropbench.views.video_transforms import KINETICS_MEAN, KINETICS_STD
 
 COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
+MARKERS = ("o-", "s-", "^-", "d-", "v-")  # per series of an epoch curve
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def view_statistics(views: list[View]) -> dict[str, float]:
@@ -86,11 +105,7 @@ def _box(ax: Any, box: Tensor, colour: str, style: str = "-", label: str | None 
 
 def draw_views(images: Tensor, views: list[View], names: list[str], out_png: Path) -> None:
     """Grid: per image, the canvas with all boxes, then every view (region box / mask overlaid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = images.shape[0]
     fig, axes = plt.subplots(n, 1 + len(views), figsize=(2.2 * (1 + len(views)), 2.2 * n), squeeze=False)
     for i in range(n):
@@ -166,8 +181,117 @@ def render_views(
     with torch.no_grad():
         views = method.make_views(batch, torch.Generator().manual_seed(seed))
     if entry.modality == "video":
-        from cropbench.methods.video_views import render_view_strip
-
         return render_view_strip(batch.video, views, str(out_png), n_samples=n_images)
     draw_views(batch.images, views, _view_names(views), Path(out_png))
     return view_statistics(views)
+
+
+# ---------------------------------------------------------------- video views
+
+
+def _frame_rgb(frame: Tensor) -> Tensor:
+    """3×h×w normalised frame -> h×w×3 in [0, 1] for display (min-max when not an RGB view)."""
+    mean, std = torch.tensor(KINETICS_MEAN).view(3, 1, 1), torch.tensor(KINETICS_STD).view(3, 1, 1)
+    x = frame.detach().float().cpu() * std + mean
+    if x.min() < -0.05 or x.max() > 1.05:  # frame differences, random convolutions
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-6)
+    return x.clamp(0, 1).permute(1, 2, 0)
+
+
+def render_view_strip(
+    video: Tensor,
+    views: list[View],
+    out_png: str,
+    n_samples: int = 2,
+    n_frames: int = 8,
+    names: list[str] | None = None,
+) -> dict[str, float]:
+    """PNG: per sample, a strip of window frames with each view's crop cube drawn (its box on the
+    frames inside its time interval), then a strip of frames per view. Returns the mean cube IoU
+    and centre distance of views 0 and 1 (when there are two views with time provenance)."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    names = names or [f"view {i + 1}" for i in range(len(views))]
+    n_samples = min(n_samples, video.shape[0])
+    window = video.shape[2]
+    rows = n_samples * (1 + len(views))
+    fig, axes = plt.subplots(rows, n_frames, figsize=(1.3 * n_frames, 1.4 * rows), squeeze=False)
+    for s in range(n_samples):
+        base = s * (1 + len(views))
+        picks = torch.linspace(0, window - 1, n_frames).round().long()
+        for col, f in enumerate(picks.tolist()):
+            ax = axes[base, col]
+            ax.imshow(video[s, :, f].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(f"frame {f}", fontsize=6)
+            for view, c in zip(views, COLOURS * len(views), strict=False):
+                t0, t1 = view.prov.extra["time"][s].tolist()
+                if t0 <= f + 0.5 < t1:
+                    x0, y0, x1, y1 = view.prov.boxes[s].tolist()
+                    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=c, lw=1.2))
+        for v, view in enumerate(views):
+            t = view.tensor.shape[2]
+            for col in range(n_frames):
+                ax = axes[base + 1 + v, col]
+                if col < t:
+                    k = col if t <= n_frames else int(round(col * (t - 1) / (n_frames - 1)))
+                    ax.imshow(_frame_rgb(view.tensor[s, :, k]).numpy())
+                    t0, t1 = view.prov.extra["time"][s].tolist()
+                    frame_at = t0 + (k + 0.5) * (t1 - t0) / t - 0.5
+                    ax.set_title(f"{names[v]} @{frame_at:.0f}", fontsize=6, color=COLOURS[v % len(COLOURS)])
+        axes[base, 0].set_ylabel(f"clip {s}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    stats: dict[str, float] = {}
+    if len(views) >= 2:
+        stats = {
+            "iou": float(cube_iou(views[0].prov, views[1].prov).mean()),
+            "centre_distance": float(cube_centre_distance(views[0].prov, views[1].prov).mean()),
+        }
+        fig.suptitle(
+            f"{names[0]} vs {names[1]}: cube IoU {stats['iou']:.2f}, centre distance {stats['centre_distance']:.2f}",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return stats
+
+
+# ---------------------------------------------------------------- per-epoch curves
+
+
+def curve_points(history: list[dict[str, Any]], curve: EpochCurve) -> tuple[list[int], dict[str, list[float]]]:
+    """The epochs and each series' values of ``curve``: the rows of ``history`` (the trainer's
+    metrics rows) that hold every key of the curve, in epoch order; the last row of an epoch wins."""
+    keys = [key for key, _ in curve.series]
+    rows = {r["epoch"]: r for r in history if all(k in r for k in keys)}
+    epochs = sorted(rows)
+    return epochs, {k: [float(rows[e][k]) for e in epochs] for k in keys}
+
+
+def draw_epoch_curves(run_dir: Path, history: list[dict[str, Any]], curves: tuple[EpochCurve, ...]) -> list[Path]:
+    """Each curve's PNG in ``run_dir``, from ``history`` (a checkpoint carries it, so a curve
+    survives ``--resume``). A curve with no epoch row yet is skipped. Returns the files written."""
+    written = []
+    for curve in curves:
+        epochs, values = curve_points(history, curve)
+        if epochs:
+            written.append(_draw_curve(Path(run_dir) / curve.file, curve, epochs, values))
+    return written
+
+
+def _draw_curve(out: Path, curve: EpochCurve, epochs: list[int], values: dict[str, list[float]]) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (key, label) in enumerate(curve.series):
+        ax.plot(epochs, values[key], MARKERS[i % len(MARKERS)], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_title(curve.title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -35,13 +35,6 @@ from torch.nn import functional as F
 
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.video import VideoClips, Window, clip_batches, with_window
-from cropbench.data.video_transforms import (
-    KINETICS_MEAN,
-    KINETICS_STD,
-    eval_views,
-    normalize_video,
-    spatial_crops,
-)
 from cropbench.dist import DistContext, all_reduce_grads
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
@@ -55,8 +48,16 @@ from cropbench.evaluations.parallel import (
     gather_batches,
     owns,
 )
-from cropbench.methods.video_views import VideoViewConfig, make_video_view
-from cropbench.methods.views import ViewConfig, adjust_hue, to_gray
+from cropbench.io import save_torch_atomic
+from cropbench.views.image import ViewConfig, adjust_hue, to_gray
+from cropbench.views.video import VideoViewConfig, make_video_view
+from cropbench.views.video_transforms import (
+    KINETICS_MEAN,
+    KINETICS_STD,
+    eval_views,
+    normalize_video,
+    spatial_crops,
+)
 
 FIELD = "eval.ucf101.dataset / eval.hmdb51.dataset"  # names the setting in dataset errors
 
@@ -315,10 +316,7 @@ def linear_features(encoder: nn.Module, s: ActionSettings, fold: str, data: Eval
     out = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "looped": torch.tensor(looped)}
     if path is not None:
         if ctx.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(out, tmp)
-            tmp.replace(path)
+            save_torch_atomic(out, path)
         barrier(ctx)
     return out
 
@@ -497,13 +495,34 @@ def evaluate_action(encoder: nn.Module, s: ActionSettings, data: EvalData) -> di
     return out
 
 
-@register_evaluation("ucf101", UCF101Settings, modality="video", metrics=("top1", "clip_top1"))
+# Named fine-tune protocols (``eval: {ucf101: {preset: slowfast_finetune}}``), the dataset added per evaluation.
+ACTION_PRESETS: dict[str, dict[str, Any]] = {
+    # pySlowFast finetune_ucf_Slow_R50 (protocols.md 1c): SGD 0.01 cosine 200 epochs, dropout 0.8, wd 0, batch 64
+    "slowfast_finetune": {"mode": "finetune", "split": "1", "image_size": 256, "crop": 224, "frames": 8,
+                          "stride": 8, "test_clips": 10, "test_crops": 3, "ft_epochs": 200, "ft_lr": 0.01,
+                          "ft_batch": 64, "ft_weight_decay": 0.0, "ft_dropout": 0.8},
+    # the one-GPU scale's fine-tune: 16 x 112 px clips, 100 epochs at batch 32, split 1
+    "small_finetune": {"mode": "finetune", "split": "1", "image_size": 128, "crop": 112, "frames": 16,
+                       "stride": 2, "test_clips": 10, "test_crops": 3, "ft_epochs": 100, "ft_lr": 0.05,
+                       "ft_batch": 32},
+}  # fmt: skip
+
+
+def _presets(dataset: str) -> dict[str, dict[str, Any]]:
+    return {name: {"dataset": dataset, **values} for name, values in ACTION_PRESETS.items()}
+
+
+@register_evaluation(
+    "ucf101", UCF101Settings, modality="video", metrics=("top1", "clip_top1"), presets=_presets("ucf101")
+)
 def evaluate_ucf101(encoder: nn.Module, settings: UCF101Settings, data: EvalData) -> dict[str, float]:
     """UCF101 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
     return evaluate_action(encoder, settings, data)
 
 
-@register_evaluation("hmdb51", HMDB51Settings, modality="video", metrics=("top1", "clip_top1"))
+@register_evaluation(
+    "hmdb51", HMDB51Settings, modality="video", metrics=("top1", "clip_top1"), presets=_presets("hmdb51")
+)
 def evaluate_hmdb51(encoder: nn.Module, settings: HMDB51Settings, data: EvalData) -> dict[str, float]:
     """HMDB51 action recognition: linear (frozen) or fine-tune, multi-clip video-level top-1."""
     return evaluate_action(encoder, settings, data)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cropbench.config import from_dict
 from cropbench.dist import DistContext
 from cropbench.registry import EVALUATIONS
 
@@ -46,16 +47,26 @@ class Evaluation:
     modality: str = "image"  # "image" or "video": which backbones it accepts
     description: str = ""
     metrics: tuple[str, ...] = field(default_factory=tuple)  # metric names it reports, main first
+    # named protocols (``paper``: the papers' setting) an entry selects with ``eval.<name>.preset``
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def register_evaluation(
-    name: str, settings: type, modality: str = "image", metrics: tuple[str, ...] = ()
+    name: str,
+    settings: type,
+    modality: str = "image",
+    metrics: tuple[str, ...] = (),
+    presets: dict[str, dict[str, Any]] | None = None,
 ) -> Callable[[EvaluateFn], EvaluateFn]:
-    """Decorator: ``@register_evaluation("knn", KnnSettings, metrics=("top1",))``."""
+    """Decorator: ``@register_evaluation("knn", KnnSettings, metrics=("top1",), presets={...})``.
+    Each preset must validate as ``settings`` (checked here, at import)."""
+    for preset, values in (presets or {}).items():
+        from_dict(settings, values, f"evaluation {name!r}", f"presets.{preset}")
 
     def deco(fn: EvaluateFn) -> EvaluateFn:
         doc = (fn.__doc__ or "").strip().splitlines()
-        EVALUATIONS.add(name, Evaluation(name, settings, fn, modality, doc[0] if doc else "", metrics))
+        ev = Evaluation(name, settings, fn, modality, doc[0] if doc else "", metrics, dict(presets or {}))
+        EVALUATIONS.add(name, ev)
         return fn
 
     return deco

@@ -44,7 +44,8 @@ from cropbench.evaluations.segmentation import (
     slide_inference,
 )
 
-# Paper scale: mmseg fcn_r50-d8 769x769 40k (DenseCL benchmarks/detection/README, mmselfsup config)
+# Paper scale: mmseg fcn_r50-d8 769x769 40k (DenseCL benchmarks/detection/README, mmselfsup config).
+# Preset "paper" (``eval: {cityscapes: {preset: paper}}``).
 PAPER: dict[str, Any] = {
     "dataset": "cityscapes",
     "iterations": 40000,
@@ -292,7 +293,7 @@ def test_segmenter(
     return conf.cpu()
 
 
-@register_evaluation("cityscapes", CityscapesSettings, metrics=("mIoU", "aAcc"))
+@register_evaluation("cityscapes", CityscapesSettings, metrics=("mIoU", "aAcc"), presets={"paper": PAPER, "micro": {}})
 def evaluate(encoder: nn.Module, settings: CityscapesSettings, data: EvalData) -> dict[str, float]:
     """FCN-d8 fine-tune on Cityscapes train (fine); mIoU over the 19 train classes on val (%)."""
     s = settings

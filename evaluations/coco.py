@@ -41,7 +41,9 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 _RUNS = itertools.count()  # a fresh detectron2 dataset name per evaluation in this process
 METRICS = tuple(f"{t}_{m}" for t in ("bbox", "segm") for m in STAT_NAMES)
 
-# Paper scale: detectron2 Base-RCNN-FPN + coco_R_50_FPN_1x (mmselfsup configs/benchmarks/detectron2)
+# Paper scale: detectron2 Base-RCNN-FPN + coco_R_50_FPN_1x (mmselfsup configs/benchmarks/detectron2).
+# Preset "paper": entries say ``eval: {coco: {preset: paper}}``. DETECTIONS_PER_IMAGE 100 is the
+# Settings default (no key here, so resolved recipes keep their identity).
 PAPER: dict[str, Any] = {
     "dataset": "coco",
     "iterations": 90000,
@@ -62,7 +64,6 @@ PAPER: dict[str, Any] = {
     "rpn_pre_nms_train": 2000,
     "rpn_post_nms_train": 1000,
     "rpn_pre_nms_test": 1000,
-    "detections_per_image": 100,
     "precise_bn_iters": 200,  # TEST.PRECISE_BN: ENABLED True, NUM_ITER 200 (detectron2 default)
     "rpn_post_nms_test": 1000,
     "log_every": 20,
@@ -148,7 +149,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: tuple[str, ...]
     return metrics
 
 
-@register_evaluation("coco", CocoSettings, metrics=METRICS)
+@register_evaluation("coco", CocoSettings, metrics=METRICS, presets={"paper": PAPER, "micro": {}})
 def evaluate(encoder: nn.Module, settings: CocoSettings, data: EvalData) -> dict[str, float]:
     """Mask R-CNN FPN fine-tune on COCO train, COCOeval bbox + segm AP on val (percent)."""
     s = settings

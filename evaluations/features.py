@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,14 @@ from cropbench.data.images import collate_images, normalize
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData
 from cropbench.evaluations.parallel import all_agree, barrier, batch_sizes, gather_batches, shard_batches
+from cropbench.io import save_torch_atomic
+
+# The frozen-feature protocols' named data settings (``knn`` and ``linear`` presets): ImageNet at
+# Resize(256) + CentreCrop(224) (MoCo main_lincls validation transform), CIFAR-10 at its 32 px.
+FEATURE_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {"dataset": "imagenet", "resize": 256, "crop": 224},
+    "cifar10": {"dataset": "cifar10", "resize": 32, "crop": 32},
+}
 
 # bump when the extraction changes: old cache files are then ignored
 CACHE_VERSION = 2  # 2: ImageFolder labels from the training split's class index
@@ -72,18 +78,6 @@ def feature_cache_key(
         "mode": "bf16" if device.type == "cuda" else "fp32",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_cached(path: Path, data: EvalData) -> tuple[Tensor, Tensor] | None:
@@ -150,7 +144,7 @@ def extract_features(
     feats, labels = _extract_sharded(encoder, ds, crop, batch_size, data)
     if path is not None:
         if data.dist.is_main:
-            _atomic_save({"feats": feats, "labels": labels}, path)
+            save_torch_atomic({"feats": feats, "labels": labels}, path)
             data.log(f"features: extracted {dataset}/{split} {tuple(feats.shape)} -> {path}")
         barrier(data.dist)  # the file is complete before any rank looks for it again
     return feats, labels

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.features import extract_features, topk_accuracy
+from cropbench.evaluations.features import FEATURE_PRESETS, extract_features, topk_accuracy
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def knn_scores(
     return torch.cat(out)
 
 
-@register_evaluation("knn", KnnSettings, metrics=("top1", "top5"))
+@register_evaluation("knn", KnnSettings, metrics=("top1", "top5"), presets=FEATURE_PRESETS)
 def evaluate_knn(encoder: nn.Module, settings: KnnSettings, data: EvalData) -> dict[str, float]:
     """Weighted kNN (k, T) on frozen, L2-normalised pooled features; top-1/top-5 in percent."""
     kw = dict(resize=settings.resize, crop=settings.crop, batch_size=settings.batch_size)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.features import extract_features, topk_accuracy
+from cropbench.evaluations.features import FEATURE_PRESETS, extract_features, topk_accuracy
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def probe_scores(probe: nn.Module, feats: Tensor, chunk: int = 4096) -> Tensor:
     return torch.cat([probe(f) for f in feats.split(chunk)])
 
 
-@register_evaluation("linear", LinearSettings, metrics=("top1", "top5", "top1_best"))
+@register_evaluation("linear", LinearSettings, metrics=("top1", "top5", "top1_best"), presets=FEATURE_PRESETS)
 def evaluate_linear(encoder: nn.Module, settings: LinearSettings, data: EvalData) -> dict[str, float]:
     """Linear probe on frozen cached features; top-1/top-5 (percent) at the last epoch, and the
     best epoch's top-1 (``top1_best``, MoCo main_lincls ``best_acc1``)."""

@@ -30,7 +30,8 @@ from cropbench.evaluations.detection import (
     train_detector,
 )
 
-# Paper scale: MoCo detection/configs/pascal_voc_R_50_C4_24k{,_moco}.yaml + Base-RCNN-C4-BN.yaml
+# Paper scale: MoCo detection/configs/pascal_voc_R_50_C4_24k{,_moco}.yaml + Base-RCNN-C4-BN.yaml.
+# Preset "paper" (``eval: {voc: {preset: paper}}``); DETECTIONS_PER_IMAGE 100 is the Settings default.
 PAPER: dict[str, Any] = {
     "dataset": "voc",
     "iterations": 24000,
@@ -47,7 +48,6 @@ PAPER: dict[str, Any] = {
     "rpn_pre_nms_train": 12000,
     "rpn_post_nms_train": 2000,
     "rpn_pre_nms_test": 6000,
-    "detections_per_image": 100,
     "precise_bn_iters": 200,  # TEST.PRECISE_BN: ENABLED True, NUM_ITER 200 (detectron2 default)
     "rpn_post_nms_test": 1000,
     "log_every": 20,
@@ -165,7 +165,7 @@ def _detections(index: int, out: dict[str, Tensor]) -> list[tuple[int, int, floa
     ]
 
 
-@register_evaluation("voc", VocSettings, metrics=("AP", "AP50", "AP75"))
+@register_evaluation("voc", VocSettings, metrics=("AP", "AP50", "AP75"), presets={"paper": PAPER, "micro": {}})
 def evaluate(encoder: nn.Module, settings: VocSettings, data: EvalData) -> dict[str, float]:
     """Faster R-CNN C4 fine-tune on VOC07+12 trainval; AP / AP50 / AP75 on VOC07 test (%)."""
     s = settings

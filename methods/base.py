@@ -17,71 +17,16 @@ method-specific extras such as RegionCL region boxes, CYBORGS mask ids or video 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from cropbench.dist import DistContext
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
-
-
-@dataclass
-class ImageBatch:
-    images: Tensor  # B×3×H×W uint8 canvases
-    labels: Tensor  # B int64 (-1 when unlabelled)
-    index: Tensor  # B int64 dataset indices
-    masks: Tensor | None = None  # B×H×W int64 segment ids (CYBORGS), same geometry as images
-
-    def to(self, device: torch.device) -> ImageBatch:
-        return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-@dataclass
-class VideoBatch:
-    video: Tensor  # B×C×T×H×W uint8 clips (T = the decoded window the views are cut from)
-    labels: Tensor  # B int64
-    index: Tensor  # B int64
-    fps: float = 25.0
-    looped: Tensor | None = None  # B bool: the source was shorter than the window and was looped
-
-    def to(self, device: torch.device) -> VideoBatch:
-        return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.video.shape[0]
-
-
-@dataclass
-class ViewProvenance:
-    """Where a batch of views came from, in source-canvas pixel coordinates."""
-
-    boxes: Tensor  # B×4 float (x0, y0, x1, y1), source pixels; the crop before resizing
-    flipped: Tensor  # B bool, horizontal flip applied after cropping
-    source_size: tuple[int, int]  # (H, W) of the canvas
-    output_size: tuple[int, int]  # (H, W) of the view tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)  # method-specific: region boxes, mask ids, time windows
-
-    def to(self, device: torch.device) -> ViewProvenance:
-        return replace(
-            self,
-            boxes=self.boxes.to(device),
-            flipped=self.flipped.to(device),
-            extra={k: v.to(device) for k, v in self.extra.items()},
-        )
-
-
-@dataclass
-class View:
-    tensor: Tensor  # B×3×h×w float, normalised (or B×C×T×h×w for video)
-    prov: ViewProvenance
+from cropbench.types import EpochCurve, View
+from cropbench.views.generators import ViewGenerator
 
 
 @dataclass
@@ -105,13 +50,26 @@ class MethodContext:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps of the whole run: the lr schedule's length, and the one every
+        step-indexed schedule of a method uses (BYOL's momentum, VideoMoCo's adversarial start)."""
         return self.steps_per_epoch * self.epochs
 
 
+@dataclass(frozen=True)
+class EpochContext:
+    """What an epoch hook (``on_epoch_start`` / ``on_epoch_end``) may know: never the trainer."""
+
+    epoch: int  # 0-based: the epoch about to start (on_epoch_start) or just finished (on_epoch_end)
+    device: torch.device = torch.device("cpu")  # where the method's parameters live
+    seed: int = 0  # train.seed
+    run_dir: Path = Path(".")  # the run's folder (checkpoints, CYBORGS' mask rounds)
+    dist: DistContext = DistContext()  # rank / world size; files are written by dist.is_main only
+
+
 class SSLMethod(nn.Module, abc.ABC):
-    """Base class: subclasses set ``Config`` (a frozen dataclass) and implement ``make_views``
-    (the views of one batch, with their provenance: ``cropbench views`` draws them) and
-    ``training_step`` (views -> loss). An entry whose method lacks either cannot be instantiated."""
+    """Base class: subclasses set ``Config`` (a frozen dataclass), receive their view generator
+    (``self.views``: the views of one batch, with their provenance; ``cropbench views`` draws them)
+    and implement ``training_step`` (views -> loss). None overrides ``make_views``."""
 
     Config: ClassVar[type]
     modality: ClassVar[str] = "image"
@@ -131,14 +89,20 @@ class SSLMethod(nn.Module, abc.ABC):
         self.backbone = backbone
         self.ctx = ctx
 
+    # The view generator (``cropbench.views.generators``): the one the recipe's ``views`` section
+    # names, passed in by ``build_method``, else the method's default built from its ``params``.
+    # Each concrete method's ``__init__`` takes ``views=None`` and sets it last, so a learned
+    # generator's initial weights are drawn after the heads' (the goldens depend on that order).
+    views: ViewGenerator
+
     @property
     def encoder(self) -> nn.Module:
         """The backbone that evaluations receive (the online / query encoder)."""
         return self.backbone
 
-    @abc.abstractmethod
     def make_views(self, batch: Any, generator: torch.Generator) -> list[View]:
-        """The views of ``batch`` (tensors + provenance), drawn from ``generator``."""
+        """The views of ``batch`` (tensors + provenance), drawn from ``generator``: the generator's."""
+        return self.views(batch, generator)
 
     @abc.abstractmethod
     def training_step(self, batch: Any, step: int, generator: torch.Generator) -> StepOutput:
@@ -147,17 +111,26 @@ class SSLMethod(nn.Module, abc.ABC):
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (momentum updates)."""
 
-    def on_epoch_start(self, epoch: int, trainer: Any) -> None:
+    def on_epoch_start(self, ctx: EpochContext) -> None:
         """Called before each epoch (e.g. CYBORGS regenerates masks here)."""
 
-    def on_epoch_end(self, epoch: int, trainer: Any) -> dict[str, float]:
-        """Called after each epoch; returned scalars go to the epoch log (e.g. ParamCrop IoU)."""
-        return {}
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """Called after each epoch; returned scalars go to the epoch log: by default the view
+        generator's (e.g. ParamCrop's cube IoU)."""
+        return self.views.epoch_logs(ctx.dist)
 
-    def prepare_dataset(self, dataset: Any, run_dir: Any) -> Any:
+    @property
+    def epoch_curves(self) -> tuple[EpochCurve, ...]:
+        """Per-epoch plots, as data (e.g. ParamCrop's view IoU curve), the view generator's: the
+        trainer has ``cropbench.viewplot`` draw each from the epoch logs ``on_epoch_end`` returns."""
+        return self.views.epoch_curves
+
+    def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
         """Wrap the training dataset if the method needs more per sample (CYBORGS adds masks).
 
-        The trainer collates with ``dataset.collate`` when the dataset has one, else ``collate_images``.
+        Called once, before the first epoch; it must keep the number of samples (the schedule
+        length, ``ctx.steps_per_epoch``, is computed from it before the method is built). The
+        trainer collates with ``dataset.collate`` when the dataset has one, else ``collate_images``.
         """
         return dataset
 

@@ -16,7 +16,8 @@ clip (``modality: diff``), a deviation the entry records. The evaluated encoder 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,13 +25,15 @@ from torch import Tensor, nn
 
 from cropbench.backbones import build_backbone
 from cropbench.errors import ConfigError
-from cropbench.methods.base import MethodContext, SSLMethod, StepOutput, VideoBatch, View
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import mlp
 from cropbench.methods.losses import normalized_mse
-from cropbench.methods.video_views import VideoViewConfig, make_video_view, sample_starts
-from cropbench.methods.views import ViewConfig
-from cropbench.methods.vssl import VideoViews
+from cropbench.methods.vssl import clip_window
 from cropbench.registry import METHODS
+from cropbench.types import VideoBatch
+from cropbench.views.generators import BroadClip, NarrowBroad, NarrowBroadConfig, ViewGenerator
+from cropbench.views.image import ViewConfig
+from cropbench.views.video import VideoViewConfig
 
 
 def narrow_view() -> VideoViewConfig:
@@ -61,13 +64,10 @@ def regression(h: Tensor, z: Tensor) -> Tensor:
     return 0.5 * normalized_mse(h, z)
 
 
-def frame_differences(x: Tensor) -> Tensor:
-    """B×C×(T+1)×H×W -> B×C×T×H×W: x[t+1] − x[t], a cheap motion modality."""
-    return x[:, :, 1:] - x[:, :, :-1]
-
-
 @METHODS.register("brave")
-class BraVe(VideoViews, SSLMethod):
+class BraVe(SSLMethod):
+    modality = "video"
+
     # global BN: hk.BatchNorm(cross_replica_axis="i") [google-deepmind/brave@1ae5f0a modules.py]
     batchnorm = "sync"
 
@@ -80,7 +80,7 @@ class BraVe(VideoViews, SSLMethod):
         out_dim: int = 128  # BraVe output dim
         predictor_grad_scale: float = 10.0  # BraVe: predictor gradients x10, before the optimizer
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         if not cfg.broad:
             raise ConfigError("params.broad: BraVe needs at least one broad view")
@@ -91,25 +91,13 @@ class BraVe(VideoViews, SSLMethod):
         d = backbone.feat_dim
         self.projector = mlp([d, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn", last_norm="bn")
         self.predictor = mlp([cfg.out_dim, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn")
-        self.view_configs = [cfg.narrow] + [self._sampled(b) for b in cfg.broad]
-        self.view_names = ["narrow"] + [f"broad {b.modality}" for b in cfg.broad]
+        if views is None:
+            clips = tuple(BroadClip(b.view, b.modality) for b in cfg.broad)
+            views = NarrowBroad(NarrowBroadConfig(cfg.narrow, clips))
+        self.views = views
 
-    @staticmethod
-    def _sampled(b: BroadView) -> VideoViewConfig:
-        """Frame differences need one more frame than they output."""
-        return replace(b.view, frames=b.view.frames + 1) if b.modality == "diff" else b.view
-
-    def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
-        """Narrow clip and broad clips, all starting at the same frame (BraVe's alignment)."""
-        longest = max(self.view_configs, key=lambda vc: vc.span)
-        starts = sample_starts(len(batch), batch.video.shape[2], longest, generator, batch.video.device)
-        views = []
-        for i, vc in enumerate(self.view_configs):
-            view = make_video_view(batch.video, vc, generator, starts, batch.looped)
-            if i > 0 and self.cfg.broad[i - 1].modality == "diff":
-                view = View(frame_differences(view.tensor), view.prov)
-            views.append(view)
-        return views
+    def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
+        return clip_window(dataset, self.cfg.window, self.views)
 
     def training_step(self, batch: VideoBatch, step: int, generator: torch.Generator) -> StepOutput:
         narrow, *broad = self.make_views(batch, generator)

@@ -7,17 +7,19 @@ Reusable parts (CYBORGS builds on them): ``online`` / ``target`` forward the two
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import byol_mlp
 from cropbench.methods.losses import normalized_mse, symmetric
 from cropbench.methods.momentum import cosine_momentum, ema_update, momentum_copy
-from cropbench.methods.views import ViewConfig, make_view
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
+from cropbench.views.generators import AsymmetricConfig, AsymmetricPair, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 def byol_views() -> ViewConfig:
@@ -43,18 +45,15 @@ class BYOL(SSLMethod):
         base_momentum: float = 0.996  # τ_base (BYOL §3.3)
         final_momentum: float = 1.0  # τ at the last step (BYOL: 1)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         self.projector = byol_mlp(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
         self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
-        self.view_configs = [
-            replace(cfg.views, blur_p=b, solarize_p=s) for b, s in zip(cfg.blur_p, cfg.solarize_p, strict=True)
-        ]
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        return [make_view(batch.images, vc, generator) for vc in self.view_configs]
+        if views is None:
+            views = AsymmetricPair(AsymmetricConfig(cfg.views, cfg.blur_p, cfg.solarize_p))
+        self.views = views
 
     def online(self, x: Tensor) -> Tensor:
         """B×3×h×w -> B×out_dim predictions q(g(f(x)))."""

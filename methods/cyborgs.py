@@ -30,16 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torch.utils.data import DataLoader
 
-from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.images import normalize, to_canvas
-from cropbench.errors import ConfigError, DatasetError, TrainingError
-from cropbench.methods.base import ImageBatch, MethodContext, StepOutput, View
+from cropbench.data.images import normalize
+from cropbench.errors import ConfigError, TrainingError
+from cropbench.methods.base import EpochContext, MethodContext, StepOutput
 from cropbench.methods.byol import BYOL
 from cropbench.methods.heads import byol_mlp
 from cropbench.methods.mask_pool import (
@@ -56,6 +53,8 @@ from cropbench.methods.mask_pool import (
 )
 from cropbench.methods.momentum import momentum_copy
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch, View
+from cropbench.views.generators import VIEW_GENERATORS, AsymmetricConfig, AsymmetricPair, ViewGenerator
 
 
 @torch.no_grad()
@@ -144,44 +143,6 @@ def compute_masks(
     return torch.cat(out).to(torch.int16)
 
 
-COCO_IMAGES_LAYOUT = "<root>/coco/{train2017,val2017}/*.jpg   (every image of the split folder; no labels)"
-
-
-class FlatImageCanvas(Dataset):
-    """All images of one folder as canvases with label -1: CYBORGS pretrains on COCO train2017."""
-
-    def __init__(self, folder: Path, split: str, image_size: int = 256):
-        root = folder / f"{split}2017" if (folder / f"{split}2017").is_dir() else folder / split
-        if not root.is_dir():
-            raise DatasetError(f"image folder {root} not found\nexpected layout:\n{COCO_IMAGES_LAYOUT}")
-        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
-        if not self.files:
-            raise DatasetError(f"{root}: no images\nexpected layout:\n{COCO_IMAGES_LAYOUT}")
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        try:
-            with Image.open(self.files[i]) as img:
-                return to_canvas(img, self.image_size), -1, i
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot decode image {self.files[i]}: {e}") from e
-
-
-register_dataset(
-    DatasetSpec(
-        "coco_images",
-        "classification",
-        "coco",
-        COCO_IMAGES_LAYOUT,
-        lambda folder, split, image_size=256, **_: FlatImageCanvas(folder, split, image_size),
-        description="COCO 2017 images without annotations, as canvases (CYBORGS pretraining set)",
-    )
-)
-
-
 def absent_fraction(present: list[Tensor], ids: list[Tensor]) -> Tensor:
     """Share of the sampled ids (>= 0) absent from their view: they pool to zero vectors."""
     ok = torch.cat([i >= 0 for i in ids])
@@ -200,6 +161,33 @@ class MaskConfig:
     init_file: str | None = None  # a precomputed round-0 MaskFile (e.g. Felzenszwalb) instead
 
 
+@VIEW_GENERATORS.register("cyborgs_masks")
+class MaskedViews(ViewGenerator):
+    """The wrapped generator's views, each carrying its crop of the batch's segment maps.
+
+    CYBORGS' masks are *data* (the dataset attaches them, ``prepare_dataset`` bootstraps them from
+    the model), not views: this generator only cuts each view's share, with the view's own box
+    and flip (nearest neighbour), into ``prov.extra["mask"]`` (B×h×w long).
+    """
+
+    Config = AsymmetricConfig
+
+    def __init__(self, inner: ViewGenerator):
+        super().__init__()
+        self.inner = inner
+
+    @classmethod
+    def from_config(cls, cfg: AsymmetricConfig, stride: int | None = None) -> MaskedViews:
+        return cls(AsymmetricPair(cfg))
+
+    def forward(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
+        views = self.inner(batch, generator)
+        if batch.masks is not None:
+            for v in views:
+                v.prov.extra["mask"] = crop_masks(batch.masks, v.prov.boxes, v.prov.flipped, v.prov.output_size)
+        return views
+
+
 @METHODS.register("cyborgs")
 class CYBORGS(BYOL):
     batchnorm = "sync"  # convert_sync_batchnorm [renwang435/CYBORGS@5737d31 main_cyborgs.py]
@@ -214,8 +202,10 @@ class CYBORGS(BYOL):
         base_momentum: float = 0.996  # CYBORGS: fixed EMA decay, no cosine ramp
         final_momentum: float = 0.996
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        if views is None:
+            views = MaskedViews(AsymmetricPair(AsymmetricConfig(cfg.views, cfg.blur_p, cfg.solarize_p)))
+        super().__init__(cfg, backbone, ctx, views)
         if cfg.masks.k_range[1] > cfg.num_segments:
             raise ConfigError(
                 f"params.masks.k_range: up to {cfg.masks.k_range[1]} clusters, but "
@@ -234,7 +224,7 @@ class CYBORGS(BYOL):
         self.mask_round = -1
 
     # ------------------------------------------------------------------ masks
-    def prepare_dataset(self, dataset: Any, run_dir: Any) -> MaskedImages:
+    def prepare_dataset(self, dataset: Any, run_dir: Path) -> MaskedImages:
         """Wrap the training set with its round-0 masks (computed once, kept under run_dir)."""
         self.run_dir = Path(run_dir)
         sums = torch.cat([checksum(b) for b in canvas_batches(dataset, num_workers=self.ctx.num_workers)])
@@ -280,21 +270,13 @@ class CYBORGS(BYOL):
         """The online backbone's ``masks.stage`` map of the canvases (CYBORGS: layer2.2)."""
         return self.backbone.forward_stages(normalize(images))[self.cfg.masks.stage]
 
-    def on_epoch_start(self, epoch: int, trainer: Any) -> None:
+    def on_epoch_start(self, ctx: EpochContext) -> None:
         """Every ``bootstrap_every`` epochs the masks are regenerated from the online network."""
-        r = epoch // self.cfg.masks.bootstrap_every
+        r = ctx.epoch // self.cfg.masks.bootstrap_every
         if self.data is not None and r != self.mask_round:
-            self.load_round(r, trainer.device, trainer.recipe.train.seed, save=trainer.dist.is_main)
+            self.load_round(r, ctx.device, ctx.seed, save=ctx.dist.is_main)
 
     # ------------------------------------------------------------- training
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        """BYOL's two views; ``prov.extra["mask"]`` is each view's segment map (B×h×w long)."""
-        views = super().make_views(batch, generator)
-        if batch.masks is not None:
-            for v in views:
-                v.prov.extra["mask"] = crop_masks(batch.masks, v.prov.boxes, v.prov.flipped, v.prov.output_size)
-        return views
-
     def segment_grid(self, view: View) -> Tensor:
         """The view's segment map reduced to its C5 grid (majority id per cell). -> B×h×w."""
         stride = self.backbone.output_stride

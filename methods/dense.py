@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cropbench.methods.base import ViewProvenance
 from cropbench.methods.losses import info_nce
-from cropbench.methods.views import grid_centres
+from cropbench.types import ViewProvenance
+from cropbench.views.image import grid_centres
 
 
 class DenseHead(nn.Module):

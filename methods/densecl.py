@@ -8,19 +8,20 @@ Per step (REPO WXinlong/DenseCL ``openselfsup/models/densecl.py``):
     loss = (1 - λ)·InfoNCE(q, k, queue) + λ·InfoNCE(q_grid[i], k_grid[match(i)], dense queue)
     enqueue k; enqueue normalise(k_pool) in the dense queue
 
-HoughCL (``methods.houghcl``) and RegionCL-D (``methods.regioncl``) subclass this class; HoughCL
-only replaces ``match``.
+The dense part is a module (``DenseBranch``) that DenseCL, HoughCL (``methods.houghcl``: only the
+``match`` rule differs) and RegionCL-D (``methods.regioncl``) each compose into MoCo v2.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cropbench.methods.base import ImageBatch, MethodContext, StepOutput, View
+from cropbench.methods.base import MethodContext, StepOutput
 from cropbench.methods.dense import (
     DenseHead,
     dense_infonce,
@@ -32,6 +33,8 @@ from cropbench.methods.dense import (
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.momentum import Queue, momentum_copy
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch, View
+from cropbench.views.generators import ViewGenerator
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,67 @@ class DenseOutput:
     grid: Tensor  # B×D×S² unit dense projections
     pooled: Tensor  # B×D unit mean of the dense projections (what the dense queue stores)
     c5: Tensor  # B×C×S×S backbone features (what the correspondence is computed on)
+
+
+Matcher = Callable[[Tensor, Tensor], Tensor]  # (C5 query, C5 key) -> B×S² positive key cell per query cell
+
+
+class DenseBranch(nn.Module):
+    """DenseCL's dense part of a MoCo v2 method: the dense head, its momentum copy, the dense
+    queue and the rule that picks each query cell's positive key cell (``match``: DenseCL's
+    winner-takes-all, HoughCL's Hough vote). A part, composed into DenseCL, HoughCL and RegionCL-D;
+    the MoCo v2 method whose encoders it runs on is passed in explicitly (``m``)."""
+
+    def __init__(self, cfg: DenseCL.Config, feat_dim: int, match: Matcher = wta_match):
+        super().__init__()
+        self.head = DenseHead(feat_dim, cfg.dense_hidden_dim, cfg.out_dim, bn=cfg.dense_bn)
+        self.key_head = momentum_copy(self.head)
+        self.queue = Queue(cfg.queue_size, cfg.out_dim)
+        self.match, self.weight, self.temperature = match, cfg.dense_weight, cfg.temperature
+
+    @staticmethod
+    def heads(c5: Tensor, projector: nn.Module, dense_head: nn.Module) -> DenseOutput:
+        emb = F.normalize(projector(c5.mean(dim=(2, 3))), dim=1)
+        grid, pooled = dense_head(c5)
+        return DenseOutput(emb, F.normalize(grid.flatten(2), dim=1), F.normalize(pooled, dim=1), c5)
+
+    def encode_query(self, m: MoCoV2, x: Tensor) -> DenseOutput:
+        """B×3×h×w -> query outputs of ``m``'s online encoder, with gradient."""
+        return self.heads(m.backbone.forward_stages(x)[-1], m.projector, self.head)
+
+    @torch.no_grad()
+    def encode_key(self, m: MoCoV2, x: Tensor, generator: torch.Generator) -> DenseOutput:
+        """B×3×h×w -> momentum-encoder outputs, all four from one key forward under shuffle-BN
+        (official: backbone + neck on the shuffled batch, ``_batch_shuffle_ddp``)."""
+
+        def net(t: Tensor) -> tuple[Tensor, ...]:
+            out = self.heads(m.key_backbone.forward_stages(t)[-1], m.key_projector, self.key_head)
+            return out.emb, out.grid, out.pooled, out.c5
+
+        return DenseOutput(*m.key_forward(net, x, generator))
+
+    def loss(self, q: DenseOutput, k: DenseOutput, index: Tensor) -> Tensor:
+        return dense_infonce(q.grid, k.grid, index, self.queue.keys.clone(), self.temperature)
+
+    def enqueue(self, m: MoCoV2, k: DenseOutput) -> None:
+        """The global keys into ``m``'s queue, the pooled dense keys into the dense queue."""
+        m.enqueue(k.emb)
+        self.queue.enqueue(k.pooled, m.ctx.dist)
+
+    def step(self, m: MoCoV2, v_q: View, v_k: View, generator: torch.Generator) -> tuple[Tensor, dict, DenseOutput]:
+        """DenseCL's two terms on a view pair -> ((1-λ)·global + λ·dense, logs, key outputs)."""
+        q = self.encode_query(m, v_q.tensor)
+        k = self.encode_key(m, v_k.tensor, generator)
+        index = self.match(q.c5, k.c5)
+        loss_g, loss_d = m.instance_loss(q.emb, k.emb), self.loss(q, k, index)
+        truth = geometric_truth(v_q.prov, v_k.prov, tuple(q.c5.shape[2:]))
+        logs = {
+            "loss_global": loss_g.detach(),
+            "loss_dense": loss_d.detach(),
+            "match_acc": match_accuracy(index, truth),
+            "match_same": same_cell_rate(index),  # share matched to the same grid cell
+        }  # tensors: no host sync in the step
+        return (1 - self.weight) * loss_g + self.weight * loss_d, logs, k
 
 
 @METHODS.register("densecl")
@@ -55,66 +119,22 @@ class DenseCL(MoCoV2):
         # densecl entry's deviations)
         dense_bn: bool = False
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
-        self.dense_head = DenseHead(backbone.feat_dim, cfg.dense_hidden_dim, cfg.out_dim, bn=cfg.dense_bn)
-        self.key_dense_head = momentum_copy(self.dense_head)
-        self.dense_queue = Queue(cfg.queue_size, cfg.out_dim)
+    def __init__(
+        self,
+        cfg: Config,
+        backbone: nn.Module,
+        ctx: MethodContext,
+        views: ViewGenerator | None = None,
+        match: Matcher = wta_match,
+    ):
+        super().__init__(cfg, backbone, ctx, views)
+        self.dense = DenseBranch(cfg, backbone.feat_dim, match)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [*super().momentum_pairs(), (self.dense_head, self.key_dense_head)]
-
-    def _heads(self, c5: Tensor, projector: nn.Module, dense_head: nn.Module) -> DenseOutput:
-        emb = F.normalize(projector(c5.mean(dim=(2, 3))), dim=1)
-        grid, pooled = dense_head(c5)
-        return DenseOutput(emb, F.normalize(grid.flatten(2), dim=1), F.normalize(pooled, dim=1), c5)
-
-    def encode_query_dense(self, x: Tensor) -> DenseOutput:
-        """B×3×h×w -> query outputs with gradient."""
-        return self._heads(self.backbone.forward_stages(x)[-1], self.projector, self.dense_head)
-
-    @torch.no_grad()
-    def encode_key_dense(self, x: Tensor, generator: torch.Generator) -> DenseOutput:
-        """B×3×h×w -> momentum-encoder outputs, all four from one key forward under shuffle-BN
-        (official: backbone + neck on the shuffled batch, ``_batch_shuffle_ddp``)."""
-
-        def net(t: Tensor) -> tuple[Tensor, ...]:
-            c5 = self.key_backbone.forward_stages(t)[-1]
-            out = self._heads(c5, self.key_projector, self.key_dense_head)
-            return out.emb, out.grid, out.pooled, out.c5
-
-        return DenseOutput(*self.key_forward(net, x, generator))
-
-    def match(self, c5_q: Tensor, c5_k: Tensor) -> Tensor:
-        """Positive key cell of every query cell (DenseCL: winner-takes-all). -> B×S² long."""
-        return wta_match(c5_q, c5_k)
-
-    def dense_loss(self, q: DenseOutput, k: DenseOutput, index: Tensor) -> Tensor:
-        queue = self.dense_queue.keys.clone()
-        return dense_infonce(q.grid, k.grid, index, queue, self.cfg.temperature)
-
-    def enqueue_dense(self, k: DenseOutput) -> None:
-        self.enqueue(k.emb)
-        self.dense_queue.enqueue(k.pooled, self.ctx.dist)
-
-    def dense_step(self, v_q: View, v_k: View, generator: torch.Generator) -> tuple[Tensor, dict, DenseOutput]:
-        """DenseCL's two terms on a view pair -> (weighted loss, logs, key outputs)."""
-        q = self.encode_query_dense(v_q.tensor)
-        k = self.encode_key_dense(v_k.tensor, generator)
-        index = self.match(q.c5, k.c5)
-        lam = self.cfg.dense_weight
-        loss_g, loss_d = self.instance_loss(q.emb, k.emb), self.dense_loss(q, k, index)
-        truth = geometric_truth(v_q.prov, v_k.prov, tuple(q.c5.shape[2:]))
-        logs = {
-            "loss_global": loss_g.detach(),
-            "loss_dense": loss_d.detach(),
-            "match_acc": match_accuracy(index, truth),
-            "match_same": same_cell_rate(index),  # share matched to the same grid cell
-        }  # tensors: no host sync in the step
-        return (1 - lam) * loss_g + lam * loss_d, logs, k
+        return [*super().momentum_pairs(), (self.dense.head, self.dense.key_head)]
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k = self.make_views(batch, generator)
-        loss, logs, k = self.dense_step(v_q, v_k, generator)
-        self.enqueue_dense(k)
+        loss, logs, k = self.dense.step(self, v_q, v_k, generator)
+        self.dense.enqueue(self, k)
         return StepOutput(loss, logs)

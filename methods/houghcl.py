@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from cropbench.methods.base import ViewProvenance
+from cropbench.methods.base import MethodContext, StepOutput
 from cropbench.methods.dense import (
     geometric_truth,
     hough_match,
@@ -29,14 +30,19 @@ from cropbench.methods.dense import (
     same_cell_rate,
     wta_match,
 )
-from cropbench.methods.densecl import DenseCL
-from cropbench.methods.views import ViewConfig, grid_centres, make_view
+from cropbench.methods.densecl import DenseBranch, DenseCL
+from cropbench.methods.mocov2 import MoCoV2
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch, ViewProvenance
+from cropbench.views.generators import ViewGenerator
+from cropbench.views.image import ViewConfig, grid_centres, make_view
 
 
 @METHODS.register("houghcl")
-class HoughCL(DenseCL):
+class HoughCL(MoCoV2):
     """DenseCL whose dense positives come from Hough voting over match offsets (no new parameters).
+
+    MoCo v2 with DenseCL's dense branch (``DenseBranch``), whose ``match`` rule is the Hough vote.
 
     The paper's Hough-space details (bin size, scale bins, features, smoothing) could not be read
     (papers.md §5.2, [UNVERIFIED]); we vote over translation offsets of backbone C5 cells, the
@@ -51,10 +57,24 @@ class HoughCL(DenseCL):
         # holds S² matches, a corner bin 1, so the sum favours "same grid cell"); [UNVERIFIED]
         hough_normalise: bool = True
 
-    def match(self, c5_q: Tensor, c5_k: Tensor) -> Tensor:
-        """argmax_j sim(i, j) · H[bin(pos_j - pos_i)] over the key cells. -> B×S² long."""
-        cfg = self.cfg
-        return hough_match(c5_q, c5_k, cfg.hough_bin_size, cfg.hough_topk, cfg.hough_normalise)[0]
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        super().__init__(cfg, backbone, ctx, views)
+        vote = {"bin_size": cfg.hough_bin_size, "topk": cfg.hough_topk, "normalise": cfg.hough_normalise}
+        self.dense = DenseBranch(cfg, backbone.feat_dim, partial(hough_positives, **vote))
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [*super().momentum_pairs(), (self.dense.head, self.dense.key_head)]
+
+    def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
+        v_q, v_k = self.make_views(batch, generator)
+        loss, logs, k = self.dense.step(self, v_q, v_k, generator)
+        self.dense.enqueue(self, k)
+        return StepOutput(loss, logs)
+
+
+def hough_positives(c5_q: Tensor, c5_k: Tensor, bin_size: int, topk: int, normalise: bool) -> Tensor:
+    """argmax_j sim(i, j) · H[bin(pos_j - pos_i)] over the key cells. -> B×S² long."""
+    return hough_match(c5_q, c5_k, bin_size, topk, normalise)[0]
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 
 from cropbench.dist import DistContext, gather_no_grad
 from cropbench.errors import DatasetError
-from cropbench.methods.base import ImageBatch
-from cropbench.trainer import save_atomic
+from cropbench.io import save_torch_atomic
+from cropbench.types import ImageBatch
 
 IGNORE = -1  # segment id of pixels that belong to no segment (e.g. padding)
 
@@ -210,8 +210,7 @@ class MaskFile:
     source: str = ""
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(asdict(self), path)
+        save_torch_atomic(asdict(self), path)
 
     @staticmethod
     def load(path: Path) -> MaskFile:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import mocov2_projector, simclr_projector
 from cropbench.methods.losses import info_nce
 from cropbench.methods.momentum import (
@@ -37,8 +37,10 @@ from cropbench.methods.momentum import (
     momentum_copy,
     shuffle_bn_forward,
 )
-from cropbench.methods.views import ViewConfig, make_view
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
+from cropbench.views.generators import PairViews, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 @METHODS.register("mocov2")
@@ -63,7 +65,7 @@ class MoCoV2(SSLMethod):
         # plain MLP: off at paper scale; micro turns it on (see the mocov2 entry's deviations)
         projector_bn: bool = False
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         if cfg.shuffle_bn:
             bn_groups_per_process(cfg.shuffle_bn_splits, ctx.dist.world_size)  # fail early
@@ -72,9 +74,7 @@ class MoCoV2(SSLMethod):
         self.key_backbone = momentum_copy(backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = Queue(cfg.queue_size, cfg.out_dim)
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        return [make_view(batch.images, self.cfg.views, generator) for _ in range(2)]
+        self.views = views if views is not None else PairViews(cfg.views)
 
     def encode_query(self, x: Tensor) -> Tensor:
         """B×3×h×w -> B×out_dim unit query embeddings (with gradient)."""

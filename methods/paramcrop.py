@@ -7,8 +7,12 @@ of the t, y, x axes). Scales are squashed into ``[min, max]`` and centres into
 trilinear 3-D affine sampling (``cube_sample``), so the contrastive loss is differentiable in
 the crop parameters; a gradient-reversal layer between the parameters and the sampler makes the
 crop MLP *maximise* the loss the encoder minimises (harder views), bounded by the scale limits.
-Each epoch logs the mean 3-D IoU and centre distance of the two views and redraws their curve
-(``paramcrop_views.png`` in the run folder): the quantities the paper shows evolving.
+ParamCrop is a view generator (``paramcrop_cube``, an ``nn.Module``), not a method: the entry
+picks the framework (``method: vsimclr | vmoco | vbyol``) and names the generator in
+``params.views``. Each epoch logs the mean 3-D IoU and centre distance of the two views; the
+generator declares their curve (``epoch_curves``, passed on by the method), which the trainer has
+``cropbench.viewplot`` redraw every epoch (``paramcrop_views.png`` in the run folder): the
+quantities the paper shows evolving.
 
 Everything about the MLP (noise size, depth, one generator for both views) and the bounds is
 [UNVERIFIED] (no code was released; papers.md §1.2) and recorded as deviations in the entry.
@@ -16,21 +20,19 @@ Everything about the MLP (noise size, depth, one generator for both views) and t
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cropbench.data.video_transforms import cube_sample, normalize_video
-from cropbench.dist import all_reduce_mean
-from cropbench.methods.base import MethodContext, VideoBatch, View, ViewProvenance
-from cropbench.methods.video_views import cube_centre_distance, cube_iou, photometric
-from cropbench.methods.views import hflip
-from cropbench.methods.vssl import VideoBYOL, VideoMoCoV2, VideoSimCLR
-from cropbench.registry import METHODS
+from cropbench.dist import DistContext, all_reduce_mean
+from cropbench.errors import ConfigError
+from cropbench.types import EpochCurve, VideoBatch, View, ViewProvenance
+from cropbench.views.generators import VIEW_GENERATORS, ViewGenerator
+from cropbench.views.image import hflip
+from cropbench.views.video import VideoViewConfig, cube_centre_distance, cube_iou, photometric
+from cropbench.views.video_transforms import cube_sample, normalize_video
 
 
 class _GradReverse(torch.autograd.Function):
@@ -81,9 +83,13 @@ class CubeGenerator(nn.Module):
 
 
 @dataclass(frozen=True)
-class ParamCropFields:
-    """ParamCrop's own settings, added to the framework's Config ([UNVERIFIED], module doc)."""
+class CubeConfig:
+    """The recipe's ``views`` for ``paramcrop_cube`` ([UNVERIFIED] MLP and bounds, module doc)."""
 
+    clip: VideoViewConfig = field(default_factory=VideoViewConfig)  # frames and per-clip image part
+    # per-view photometric overrides (ParamCrop on BYOL: BYOL's asymmetry); empty: the same for both
+    blur_p: tuple[float, ...] = ()
+    solarize_p: tuple[float, ...] = ()
     noise_dim: int = 16  # noise vector per sample
     crop_hidden: int = 64  # crop MLP width
     spatial_scale: tuple[float, float] = (0.35, 1.0)  # crop side / canvas side
@@ -91,27 +97,51 @@ class ParamCropFields:
     grl_weight: float = 1.0  # gradient-reversal strength
 
 
-class ParamCropViews:
-    """Mixin replacing the framework's random views by the learned cubes (host: a vssl method)."""
+@VIEW_GENERATORS.register("paramcrop_cube")
+class CubeViews(ViewGenerator):
+    """ParamCrop's two learned cubes: noise -> crop MLP -> gradient reversal -> cube sampling, then
+    each view's flip and photometric ops. A module: the method's optimizer trains the crop MLP
+    (adversarially, through the reversal). The framework (SimCLR, MoCo v2, BYOL) is the entry's
+    ``method``; with MoCo the key cube gets no gradient (the key encoder runs without one)."""
 
-    view_names = ["query cube", "key cube"]
+    Config = CubeConfig
+    modality = "video"
+    epoch_curves = (
+        EpochCurve(
+            "paramcrop_views.png",
+            "ParamCrop: disparity between the two views",
+            (("view_iou", "3-D IoU"), ("view_centre_distance", "centre distance")),
+        ),
+    )
 
-    def _init_paramcrop(self) -> None:
-        self.cube_generator = CubeGenerator(self.cfg.noise_dim, self.cfg.crop_hidden)
+    def __init__(self, cfg: CubeConfig):
+        super().__init__()
+        if len(cfg.blur_p) != len(cfg.solarize_p) or len(cfg.blur_p) not in (0, 2):
+            raise ConfigError(
+                f"views.blur_p / views.solarize_p: none or one value per cube (2), got {cfg.blur_p} / {cfg.solarize_p}"
+            )
+        self.cfg = cfg
+        image = cfg.clip.image
+        pairs = zip(cfg.blur_p, cfg.solarize_p, strict=True)
+        self.images = [replace(image, blur_p=b, solarize_p=s) for b, s in pairs] or [image, image]
+        self.cube_generator = CubeGenerator(cfg.noise_dim, cfg.crop_hidden)
         self._stats: dict[str, Tensor] = {}
 
-    def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
+    @property
+    def span(self) -> int:
+        return self.cfg.clip.span
+
+    def forward(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
         video, cfg = batch.video, self.cfg
         n, _, window, h, w = video.shape
-        dev, size = video.device, cfg.views.image.size
+        dev, size = video.device, cfg.clip.image.size
         noise = torch.randn(n, cfg.noise_dim, generator=generator, device=generator.device).to(dev)
         params = grad_reverse(self.cube_generator(noise), cfg.grl_weight)  # B×2×6
         source = video.float() / 255
         views = []
-        for v in range(2):
+        for v, image in enumerate(self.images):
             boxes, times = params_to_cubes(params[:, v], cfg.spatial_scale, cfg.temporal_scale, window, (h, w))
-            x = cube_sample(source, boxes, times, (cfg.views.frames, size, size))
-            image = self.view_configs[v].image  # the framework's per-view photometric part
+            x = cube_sample(source, boxes, times, (cfg.clip.frames, size, size))
             flipped = torch.rand(n, generator=generator, device=generator.device).to(dev) < image.flip_p
             x = normalize_video(photometric(hflip(x, flipped), image, generator))
             extra = {"time": times.detach(), "window": torch.full((n,), float(window), device=dev)}
@@ -129,83 +159,10 @@ class ParamCropViews:
         for k, v in (("iou", iou), ("dist", dist), ("n", count)):
             self._stats[k] = self._stats.get(k, torch.zeros_like(v)) + v
 
-    def on_epoch_end(self, epoch: int, trainer: Any) -> dict[str, float]:
-        """Mean cube IoU and centre distance of this epoch's views; redraws the curve PNG."""
+    def epoch_logs(self, dist: DistContext) -> dict[str, float]:
+        """Mean cube IoU and centre distance of this epoch's views (plotted from the epoch log)."""
         if not self._stats:
             return {}
-        s = {k: all_reduce_mean(v, self.ctx.dist) for k, v in self._stats.items()}
+        s = {k: all_reduce_mean(v, dist) for k, v in self._stats.items()}
         self._stats = {}
-        out = {
-            "view_iou": float(s["iou"] / s["n"]),
-            "view_centre_distance": float(s["dist"] / s["n"]),
-        }
-        run_dir = getattr(trainer, "run_dir", None)
-        if run_dir is not None and self.ctx.dist.is_main:
-            plot_view_statistics(Path(run_dir), epoch + 1, out)
-        return out
-
-
-def plot_view_statistics(run_dir: Path, epoch: int, current: dict[str, float]) -> Path:
-    """``paramcrop_views.png``: IoU and centre distance per epoch, from ``metrics.jsonl`` (earlier
-    epochs, so the curve survives ``--resume``) plus this epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            r = json.loads(line)
-            if "view_iou" in r and r["epoch"] < epoch:
-                rows[r["epoch"]] = (r["view_iou"], r["view_centre_distance"])
-    rows[epoch] = (current["view_iou"], current["view_centre_distance"])
-    epochs = sorted(rows)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(epochs, [rows[e][0] for e in epochs], "o-", label="3-D IoU")
-    ax.plot(epochs, [rows[e][1] for e in epochs], "s-", label="centre distance")
-    ax.set_xlabel("epoch")
-    ax.set_title("ParamCrop: disparity between the two views")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "paramcrop_views.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-@METHODS.register("paramcrop_simclr")
-class ParamCropSimCLR(ParamCropViews, VideoSimCLR):
-    @dataclass(frozen=True)
-    class Config(ParamCropFields, VideoSimCLR.Config):
-        pass
-
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
-        self._init_paramcrop()
-
-
-@METHODS.register("paramcrop_moco")
-class ParamCropMoCo(ParamCropViews, VideoMoCoV2):
-    """The key cube gets no gradient (the key encoder runs without one); it shares the MLP."""
-
-    @dataclass(frozen=True)
-    class Config(ParamCropFields, VideoMoCoV2.Config):
-        pass
-
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
-        self._init_paramcrop()
-
-
-@METHODS.register("paramcrop_byol")
-class ParamCropBYOL(ParamCropViews, VideoBYOL):
-    @dataclass(frozen=True)
-    class Config(ParamCropFields, VideoBYOL.Config):
-        pass
-
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
-        self._init_paramcrop()
+        return {"view_iou": float(s["iou"] / s["n"]), "view_centre_distance": float(s["dist"] / s["n"])}

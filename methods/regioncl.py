@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cropbench.methods.base import ImageBatch, StepOutput, View
-from cropbench.methods.densecl import DenseCL
+from cropbench.errors import ConfigError
+from cropbench.methods.base import MethodContext, StepOutput
+from cropbench.methods.densecl import DenseBranch, DenseCL
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.region_swap import (
     box_to_cells,
@@ -42,6 +43,9 @@ from cropbench.methods.region_swap import (
 )
 from cropbench.methods.simsiam import SimSiam
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch, View
+from cropbench.views.generators import VIEW_GENERATORS, PairViews, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 @dataclass(frozen=True)
@@ -50,25 +54,42 @@ class RegionConfig:
     weight: float = 1.0  # region term weight (official RegionCL-M: instance + region, 1 each)
 
 
-class RegionSwap:
-    """Mixin: the composite view and its canvas / paste features.
+@dataclass(frozen=True)
+class RegionSwapConfig:
+    """The recipe's ``views`` for ``region_swap``: the wrapped pair's views and the box size."""
 
-    Needs ``backbone`` (a ``ResNetBackbone``) and ``cfg.region`` (a ``RegionConfig``).
+    views: ViewConfig = field(default_factory=ViewConfig)  # the wrapped pair's (MoCo v2 aug_plus)
+    cells: tuple[int, int] = (3, 6)  # box side in C5 cells, [lo, hi): official cutMixLower/Upper
+
+
+@VIEW_GENERATORS.register("region_swap")
+class RegionSwapViews(ViewGenerator):
+    """The wrapped generator's views, then the composite of the first (query) one: a grid-aligned
+    box of image i replaced by the same box of its partner (RegionCL §3.1, ``region_swap``).
+
+    Provenance of the composite: region box (view px, the same for the batch), partner, the hole
+    in each canvas and where the pasted content came from (canvas px).
     """
 
-    backbone: nn.Module
-    cfg: Any  # the method's Config, with a ``region: RegionConfig`` field
+    Config = RegionSwapConfig
 
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        """The base method's two views, then the composite built on the first (query) one."""
-        views = super().make_views(batch, generator)  # type: ignore[misc]  # the base method's, by MRO
+    def __init__(self, inner: ViewGenerator, stride: int, cells: tuple[int, int]):
+        super().__init__()
+        self.inner, self.stride, self.cells = inner, stride, cells
+
+    @classmethod
+    def from_config(cls, cfg: RegionSwapConfig, stride: int | None = None) -> RegionSwapViews:
+        if stride is None:
+            raise ConfigError("views.generator: region_swap needs a backbone with an output stride")
+        return cls(PairViews(cfg.views), stride, cfg.cells)
+
+    def forward(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
+        views = self.inner(batch, generator)
         return [*views, self.region_view(views[0], generator)]
 
     def region_view(self, v: View, generator: torch.Generator) -> View:
-        """Composite of ``v``; provenance: region box (view px), partner, boxes in canvas px."""
         b, _, h, w = v.tensor.shape
-        stride = self.backbone.output_stride
-        box = sample_region_box((h, w), stride, self.cfg.region.cells, generator)
+        box = sample_region_box((h, w), self.stride, self.cells, generator)
         partner = partner_permutation(b).to(v.tensor.device)
         # the hole in image i's canvas; the pasted content sits at hole[partner] in the partner's
         hole = view_box_to_canvas(box, v.prov.boxes, v.prov.flipped, (h, w))  # B×4
@@ -80,67 +101,85 @@ class RegionSwap:
         }
         return View(swap_regions(v.tensor, box, partner), replace(v.prov, extra=extra))
 
-    def region_features(self, mix: View) -> tuple[Tensor, Tensor]:
-        """Composite -> (canvas B×C, paste B×C) pooled from the online backbone's C5."""
-        c5 = self.backbone.forward_stages(mix.tensor)[-1]
-        cells = box_to_cells(mix.prov.extra["region_box"][0].cpu(), self.backbone.output_stride)
-        return region_pool(c5, cells)
+
+def region_views(cfg: Any, backbone: nn.Module) -> RegionSwapViews:
+    """A RegionCL method's default generator: region swap around its framework's pair."""
+    return RegionSwapViews(PairViews(cfg.views), backbone.output_stride, cfg.region.cells)
 
 
-class _QueueRegionLoss(RegionSwap):
-    """Region InfoNCE with the MoCo v2 projector and queue (RegionCL-M and -D)."""
+def region_features(backbone: nn.Module, mix: View) -> tuple[Tensor, Tensor]:
+    """Composite -> (canvas B×C, paste B×C) pooled from ``backbone``'s C5."""
+    c5 = backbone.forward_stages(mix.tensor)[-1]
+    cells = box_to_cells(mix.prov.extra["region_box"][0].cpu(), backbone.output_stride)
+    return region_pool(c5, cells)
 
-    def region_loss(self, mix: View, keys: Tensor) -> Tensor:
-        canvas, paste = self.region_features(mix)
-        # one MLP pass over both regions, as the official neck
-        z = F.normalize(self.projector(torch.cat([canvas, paste])), dim=1)
-        c, p = z.chunk(2)
-        queue = self.queue.keys.clone()
-        return region_infonce(c, p, keys, queue, mix.prov.extra["partner"], self.cfg.temperature)
+
+def queue_region_loss(m: MoCoV2, mix: View, keys: Tensor) -> Tensor:
+    """Region InfoNCE with the MoCo v2 projector and queue of ``m`` (RegionCL-M and -D)."""
+    canvas, paste = region_features(m.backbone, mix)
+    # one MLP pass over both regions, as the official neck
+    z = F.normalize(m.projector(torch.cat([canvas, paste])), dim=1)
+    c, p = z.chunk(2)
+    return region_infonce(c, p, keys, m.queue.keys.clone(), mix.prov.extra["partner"], m.cfg.temperature)
 
 
 @METHODS.register("regioncl_m")
-class RegionCLM(_QueueRegionLoss, MoCoV2):
+class RegionCLM(MoCoV2):
     @dataclass(frozen=True)
     class Config(MoCoV2.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k, v_mix = self.make_views(batch, generator)
         q = self.encode_query(v_q.tensor)  # B×D
         k = self.encode_key(v_k.tensor, generator)  # B×D, no gradient
-        loss_i, loss_r = self.instance_loss(q, k), self.region_loss(v_mix, k)
+        loss_i, loss_r = self.instance_loss(q, k), queue_region_loss(self, v_mix, k)
         self.enqueue(k)  # only the clean keys are enqueued (official)
         logs = {"loss_instance": loss_i.detach(), "loss_region": loss_r.detach()}
         return StepOutput(loss_i + self.cfg.region.weight * loss_r, logs)
 
 
 @METHODS.register("regioncl_d")
-class RegionCLD(_QueueRegionLoss, DenseCL):
+class RegionCLD(MoCoV2):
+    """MoCo v2 with DenseCL's dense branch (``DenseBranch``) and the region term."""
+
     @dataclass(frozen=True)
     class Config(DenseCL.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
 
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
+        self.dense = DenseBranch(cfg, backbone.feat_dim)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [*super().momentum_pairs(), (self.dense.head, self.dense.key_head)]
+
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k, v_mix = self.make_views(batch, generator)
-        loss, logs, k = self.dense_step(v_q, v_k, generator)  # (1-λ)·global + λ·dense
-        loss_r = self.region_loss(v_mix, k.emb)
-        self.enqueue_dense(k)
+        loss, logs, k = self.dense.step(self, v_q, v_k, generator)  # (1-λ)·global + λ·dense
+        loss_r = queue_region_loss(self, v_mix, k.emb)
+        self.dense.enqueue(self, k)
         logs = {**logs, "loss_region": loss_r.detach()}
         return StepOutput(loss + self.cfg.region.weight * loss_r, logs)
 
 
 @METHODS.register("regioncl_s")
-class RegionCLS(RegionSwap, SimSiam):
+class RegionCLS(SimSiam):
     @dataclass(frozen=True)
     class Config(SimSiam.Config):
         region: RegionConfig = field(default_factory=RegionConfig)
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2, v_mix = self.make_views(batch, generator)
         z1, z2 = self.project(v1.tensor), self.project(v2.tensor)
         loss_s = self.siamese_loss(self.predict(z1), self.predict(z2), z1, z2)
-        canvas, paste = self.region_features(v_mix)
+        canvas, paste = region_features(self.backbone, v_mix)
         p_c, p_p = self.predict(self.projector(torch.cat([canvas, paste]))).chunk(2)
         loss_r = region_regression(p_c, p_p, z2, v_mix.prov.extra["partner"])
         logs = {"loss_siamese": loss_s.detach(), "loss_region": loss_r.detach()}

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import simclr_projector
 from cropbench.methods.losses import nt_xent
-from cropbench.methods.views import ViewConfig, make_view
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
+from cropbench.views.generators import PairViews, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 def simclr_views() -> ViewConfig:
@@ -34,12 +36,10 @@ class SimCLR(SSLMethod):
         out_dim: int = 128  # SimCLR projection output
         temperature: float = 0.1  # google-research/simclr ImageNet command (README @383d414)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         self.projector = simclr_projector(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        return [make_view(batch.images, self.cfg.views, generator) for _ in range(2)]
+        self.views = views if views is not None else PairViews(cfg.views)
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2 = self.make_views(batch, generator)

@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import simsiam_predictor, simsiam_projector
 from cropbench.methods.losses import negative_cosine, symmetric
-from cropbench.methods.views import ViewConfig, make_view
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
+from cropbench.views.generators import PairViews, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 @METHODS.register("simsiam")
@@ -30,13 +32,11 @@ class SimSiam(SSLMethod):
         pred_dim: int = 512  # predictor bottleneck (simsiam --pred-dim)
         fix_pred_lr: bool = True  # simsiam --fix-pred-lr: predictor lr not decayed by the schedule
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         self.projector = simsiam_projector(backbone.feat_dim, cfg.dim)
         self.predictor = simsiam_predictor(cfg.dim, cfg.pred_dim)
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        return [make_view(batch.images, self.cfg.views, generator) for _ in range(2)]
+        self.views = views if views is not None else PairViews(cfg.views)
 
     def project(self, x: Tensor) -> Tensor:
         """B×3×h×w -> B×dim projections z."""

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod, StepOutput, View
-from cropbench.methods.views import ViewConfig, make_view
+from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
+from cropbench.views.generators import SingleView, ViewGenerator
+from cropbench.views.image import ViewConfig
 
 
 def supervised_views() -> ViewConfig:
@@ -51,14 +53,12 @@ class Supervised(SSLMethod):
         views: ViewConfig = field(default_factory=supervised_views)  # torchvision classification preset
         num_classes: int = 1000  # ImageNet-1k; micro: the 10 texture classes of synth_images
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
         super().__init__(cfg, backbone, ctx)
         if cfg.num_classes < 2:
             raise ValueError(f"params.num_classes must be >= 2, got {cfg.num_classes}")
         self.classifier = nn.Linear(backbone.feat_dim, cfg.num_classes)  # torchvision ResNet ``fc``
-
-    def make_views(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
-        return [make_view(batch.images, self.cfg.views, generator)]
+        self.views = views if views is not None else SingleView(cfg.views)
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         (view,) = self.make_views(batch, generator)

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cropbench.methods.base import MethodContext, StepOutput, VideoBatch, View
+from cropbench.methods.base import MethodContext, StepOutput
+from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.paramcrop import grad_reverse
-from cropbench.methods.video_views import VideoViewConfig, make_video_view, sample_starts
-from cropbench.methods.vssl import VideoMoCoV2
+from cropbench.methods.vssl import clip_window
 from cropbench.registry import METHODS
+from cropbench.types import VideoBatch
+from cropbench.views.generators import ClipConfig, ClipViews, ViewGenerator
+from cropbench.views.video import VideoViewConfig
 
 
 class FrameScorer(nn.Module):
@@ -104,23 +108,18 @@ def decayed_info_nce(q: Tensor, k: Tensor, queue: Tensor, age: Tensor, decay: fl
 
 
 @METHODS.register("videomoco")
-class VideoMoCo(VideoMoCoV2):
+class VideoMoCo(MoCoV2):
     # shuffle-BN, no SyncBN [tinapan-pt/VideoMoCo@0ed0a13 moco/builder.py _batch_shuffle_ddp]
     batchnorm = "shuffle"
     ddp_find_unused_parameters = True  # the frame generator gets no gradient before adversarial_from
 
+    modality = "video"
+
     @dataclass(frozen=True)
-    class Config:
+    class Config(MoCoV2.Config):  # MoCo v2's heads, queue, momentum and shuffle-BN (official: the same)
         views: VideoViewConfig = field(default_factory=VideoViewConfig)
         window: int = 32
-        hidden_dim: int = 2048  # MLP head (official --mlp)
-        out_dim: int = 128  # official --moco-dim
         temperature: float = 0.07  # official --moco-t
-        queue_size: int = 65536  # official --moco-k
-        momentum: float = 0.999  # official --moco-m
-        shuffle_bn: bool = True  # official: _batch_shuffle_ddp (moco/builder.py)
-        shuffle_bn_splits: int = 8  # BN groups of the key batch: MoCo's 8 GPUs (MoCoV2.Config)
-        projector_bn: bool = False  # MoCoV2's option (BN projector); the official MLP has none
         decay: float = 0.99999  # temporal decay t (official builder.py)
         drop: int = 8  # frames dropped per clip (official: 8 of 32)
         adversarial_from: float = 0.5  # fraction of training before the generator acts (100 of 200 epochs)
@@ -131,8 +130,10 @@ class VideoMoCo(VideoMoCoV2):
         l1_weight: float = 100.0  # official train.py: loss_g = -100 * L1Loss(q_fake, q_real)
         same_clip: bool = True  # query and key from one clip (official loader); False: two clips
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext):
-        super().__init__(cfg, backbone, ctx)
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+        if views is None:  # query and key from one clip (official loader) unless same_clip is off
+            views = ClipViews(ClipConfig(cfg.views, shared_start=cfg.same_clip))
+        super().__init__(cfg, backbone, ctx, views)
         if not 0 < cfg.drop < cfg.views.frames:
             raise ValueError(f"params.drop: expected 1..{cfg.views.frames - 1} frames, got {cfg.drop}")
         self.generator = FrameScorer(cfg.views.frames)
@@ -140,11 +141,8 @@ class VideoMoCo(VideoMoCoV2):
         # to all slots and sets the written ones to 1; a never-written slot counts the enqueues so far
         self.register_buffer("slot_age", torch.zeros(cfg.queue_size, dtype=torch.long))
 
-    def make_views(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
-        starts = None
-        if self.cfg.same_clip:
-            starts = sample_starts(len(batch), batch.video.shape[2], self.cfg.views, generator, batch.video.device)
-        return [make_video_view(batch.video, vc, generator, starts, batch.looped) for vc in self.view_configs]
+    def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
+        return clip_window(dataset, self.cfg.window, self.views)
 
     def queue_age(self) -> Tensor:
         """K: iterations since each queue slot was written (1 = the previous step's keys; a slot

@@ -3,10 +3,11 @@
     python scripts/bench_views.py                          # 32 and 224 px, batch 256 and 64
     python scripts/bench_views.py --reference OLD_VIEWS.py  # and another views.py, interleaved
 
-``--reference`` loads a second copy of ``methods/views.py`` (e.g. ``git show HEAD~1:methods/views.py
-> /tmp/old_views.py``) and times it in the same loop, on the same canvases and draws, so a before /
-after comparison shares the machine's load; it also prints the largest output difference. Canvas:
-64 px for 32-px views (the micro recipes), 256 px for 224-px views (ImageNet recipes); view recipe:
+``--reference`` loads a second copy of ``cropbench/views/image.py`` (e.g. ``git show
+HEAD~1:cropbench/views/image.py > /tmp/old_views.py``) and times it in the same loop, on the same
+canvases and draws, so a before / after comparison shares the machine's load; it also prints the
+largest output difference. Canvas: 64 px for 32-px views (the micro recipes), 256 px for 224-px
+views (ImageNet recipes); view recipe:
 ``ViewConfig`` defaults (MoCo v2: random-order jitter), blur only at 224 px as the recipes do.
 ``cropbench bench`` reuses ``view_inputs`` and ``time_call``.
 """
@@ -23,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-from cropbench.methods import views
+from cropbench.views import image as views
 
 
 def view_inputs(size: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, views.ViewConfig]:

@@ -11,12 +11,13 @@ from torch import nn
 
 from cropbench.backbones import build_backbone
 from cropbench.config import from_dict
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod
+from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simsiam import SimSiam
 from cropbench.recipe import SCALES, load_entry
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
 
 BASELINES = ("simclr", "mocov2", "byol", "simsiam")
 TINY = {  # head sizes for a fast test; everything else is the paper default
@@ -98,7 +99,7 @@ def test_mocov2_keys_are_encoded_without_gradient() -> None:
 def test_byol_asymmetric_views_and_cosine_momentum() -> None:
     method = _method("byol", total_steps=100)
     assert isinstance(method, BYOL)
-    v1, v2 = method.view_configs
+    v1, v2 = method.views.configs  # its default generator: asymmetric_pair
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert method.momentum_at(0) == pytest.approx(0.996) and method.momentum_at(100) == pytest.approx(1.0)
     online = [p.detach().clone() for p in method.projector.parameters()]

@@ -17,7 +17,7 @@ from cropbench import bench as B
 from cropbench.cli import cli
 from cropbench.dist import DistContext
 from cropbench.methods.losses import nt_xent
-from cropbench.methods.views import ViewConfig
+from cropbench.views.image import ViewConfig
 
 QUICK = ["bench", "--quick", "--only", "views,step,linear", "--threads", "1"]
 

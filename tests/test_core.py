@@ -12,6 +12,7 @@ from cropbench.config import from_dict
 from cropbench.errors import ConfigError, UnknownNameError
 from cropbench.recipe import SCALES, list_entries, load_entry, load_entry_file, parse_overrides
 from cropbench.registry import BACKBONES, EVALUATIONS, METHODS, Registry
+from cropbench.runner import resolved_config
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def test_every_entry_validates_at_every_scale(name: str) -> None:
         for scale in SCALES:
             recipe = entry.recipe(variant, scale)
             where = f"{entry.path} ({variant}, {scale})"
-            from_dict(METHODS.get(recipe.method).Config, recipe.params, where, "params")
+            resolved_config(recipe, where)  # the method's Config and the generator's it names
             assert recipe.backbone in BACKBONES
             for ev in entry.evaluations:
                 evaluation = EVALUATIONS.get(ev)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from cropbench.config import from_dict
 from cropbench.dist import DistContext
 from cropbench.errors import ConfigError, DatasetError, TrainingError
 from cropbench.methods import cyborgs as cyborgs_module
-from cropbench.methods.base import MethodContext
+from cropbench.methods.base import EpochContext, MethodContext
 from cropbench.methods.cyborgs import (
     CYBORGS,
     absent_fraction,
@@ -35,7 +34,7 @@ from cropbench.methods.mask_pool import (
     per_slot,
     sample_segments,
 )
-from cropbench.methods.views import crop_resize, hflip
+from cropbench.views.image import crop_resize, hflip
 
 
 def test_crop_masks_against_hand_computed_coordinates():
@@ -361,13 +360,8 @@ def _in_features(head: torch.nn.Module) -> int:
     return next(mod for mod in head.modules() if isinstance(mod, torch.nn.Linear)).in_features
 
 
-def _trainer(run_dir: Path) -> SimpleNamespace:
-    return SimpleNamespace(
-        device=torch.device("cpu"),
-        run_dir=run_dir,
-        dist=DistContext(),
-        recipe=SimpleNamespace(train=SimpleNamespace(seed=0)),
-    )
+def _epoch(epoch: int, run_dir: Path) -> EpochContext:
+    return EpochContext(epoch, torch.device("cpu"), 0, run_dir, DistContext())
 
 
 def test_cyborgs_step_carries_masks_through_the_views_and_trains(tmp_path):
@@ -401,9 +395,9 @@ def test_masks_are_bootstrapped_every_n_epochs_and_reloaded_on_resume(tmp_path):
     data = m.prepare_dataset(ds, tmp_path)
     round0 = data.masks.clone()
     for epoch in (0, 1):
-        m.on_epoch_start(epoch, _trainer(tmp_path))
+        m.on_epoch_start(_epoch(epoch, tmp_path))
         assert m.mask_round == 0 and torch.equal(data.masks, round0)
-    m.on_epoch_start(2, _trainer(tmp_path))
+    m.on_epoch_start(_epoch(2, tmp_path))
     r1 = tmp_path / "masks" / "round_001.pt"
     assert m.mask_round == 1 and r1.exists() and data.source == str(r1)
     assert data.masks.shape == (8, 16, 16)  # clustered on C4 (stride 4) of the 64-px canvases
@@ -411,7 +405,7 @@ def test_masks_are_bootstrapped_every_n_epochs_and_reloaded_on_resume(tmp_path):
     stamp = r1.stat().st_mtime_ns
     resumed = _cyborgs(bootstrap_every=2)
     resumed.prepare_dataset(ds, tmp_path)
-    resumed.on_epoch_start(3, _trainer(tmp_path))  # resume mid-round: read the file, no recompute
+    resumed.on_epoch_start(_epoch(3, tmp_path))  # resume mid-round: read the file, no recompute
     assert resumed.mask_round == 1 and torch.equal(resumed.data.masks, data.masks)
     assert r1.stat().st_mtime_ns == stamp
 
@@ -472,7 +466,7 @@ def test_cyborgs_rounds_are_the_same_with_decode_workers(tmp_path):
         run_dir = tmp_path / f"workers{workers}"
         m = _cyborgs(num_workers=workers, bootstrap_every=1)
         m.prepare_dataset(ds, run_dir)
-        m.on_epoch_start(1, _trainer(run_dir))
+        m.on_epoch_start(_epoch(1, run_dir))
         assert sorted(p.name for p in (run_dir / "masks").iterdir()) == ["round_000.pt", "round_001.pt"]
         files[workers] = [MaskFile.load(run_dir / "masks" / f"round_00{r}.pt") for r in (0, 1)]
     for a, b in zip(files[0], files[2], strict=True):

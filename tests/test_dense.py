@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cropbench.backbones import resnet_micro
 from cropbench.config import from_dict
-from cropbench.methods.base import ImageBatch, MethodContext, ViewProvenance
+from cropbench.methods.base import MethodContext
 from cropbench.methods.dense import (
     DenseHead,
     dense_infonce,
@@ -22,6 +22,7 @@ from cropbench.methods.dense import (
 )
 from cropbench.recipe import load_entry
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch, ViewProvenance
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,7 +163,7 @@ def official_densecl_loss(m, batch: ImageBatch, seed: int, matcher=None):
         loss_single = CE([q·k, q·queue] / τ); loss_dense = CE([q_grid·k_grid[ind], q_grid·queue2] / τ)
         loss = (1 - λ)·loss_single + λ·loss_dense;  enqueue k, normalize(avgpool2(mlp2(C5_k)))
 
-    Keys come from the method's own momentum-encoder pass (``encode_key_dense``: shuffle-BN is
+    Keys come from the method's own momentum-encoder pass (``dense.encode_key``: shuffle-BN is
     the key encoder's business, pinned elsewhere); ``matcher(c5_q, c5_k) -> [[key cell per query
     cell]]`` replaces the arg-max (HoughCL). Returns (loss with gradient, matches, key outputs).
     """
@@ -170,12 +171,12 @@ def official_densecl_loss(m, batch: ImageBatch, seed: int, matcher=None):
     v_q, v_k = m.make_views(batch, g)
     c5q = m.backbone.forward_stages(v_q.tensor)[-1]  # B×C×S×S, with gradient
     q = m.projector(c5q.mean(dim=(2, 3)))
-    q_grid = m.dense_head.net(c5q).flatten(2)  # B×D×S² (mlp2 output before normalisation)
+    q_grid = m.dense.head.net(c5q).flatten(2)  # B×D×S² (mlp2 output before normalisation)
     with torch.no_grad():
-        k_out = m.encode_key_dense(v_k.tensor, g)
+        k_out = m.dense.encode_key(m, v_k.tensor, g)
     b, _, n_cells = q_grid.shape
     tau, lam = m.cfg.temperature, m.cfg.dense_weight
-    queue, queue2 = m.queue.keys.clone(), m.dense_queue.keys.clone()  # K×D (official: D×K)
+    queue, queue2 = m.queue.keys.clone(), m.dense.queue.keys.clone()  # K×D (official: D×K)
     single = [
         _contrastive_head(_unit(q[n]) @ k_out.emb[n], [_unit(q[n]) @ key for key in queue], tau) for n in range(b)
     ]
@@ -214,7 +215,7 @@ def assert_step_equals_official(m, batch: ImageBatch, seed: int, matcher=None) -
     assert abs(out.loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
     out.loss.backward()
     grads = _grads(m)
-    assert set(grads) == set(ref_grads) and any("dense_head" in k for k in grads)
+    assert set(grads) == set(ref_grads) and any("dense.head" in k for k in grads)
     for name, gr in grads.items():
         scale = ref_grads[name].abs().max().clamp_min(1e-8)
         assert (gr - ref_grads[name]).abs().max() <= 1e-4 * scale, name
@@ -222,9 +223,9 @@ def assert_step_equals_official(m, batch: ImageBatch, seed: int, matcher=None) -
     logged = (1 - lam) * out.logs["loss_global"] + lam * out.logs["loss_dense"]
     assert abs(float(logged) - out.loss.item()) < 1e-5
     n = batch.images.shape[0]  # enqueue: global keys into queue 1, pooled dense keys into queue 2
-    assert int(m.queue.ptr) == int(m.dense_queue.ptr) == ptr + n
+    assert int(m.queue.ptr) == int(m.dense.queue.ptr) == ptr + n
     assert torch.allclose(m.queue.keys[ptr : ptr + n], k_out.emb, atol=1e-6)
-    assert torch.allclose(m.dense_queue.keys[ptr : ptr + n], k_out.pooled, atol=1e-6)
+    assert torch.allclose(m.dense.queue.keys[ptr : ptr + n], k_out.pooled, atol=1e-6)
     assert torch.equal(m.queue.keys[ptr + n :], queue_before[ptr + n :])
     return matches
 
@@ -243,20 +244,20 @@ def test_official_densecl_reference_catches_a_wrong_weight_or_matcher():
     with torch.no_grad():
         ref = official_densecl_loss(m, batch, seed=3)[0].item()
         off = official_densecl_loss(m, batch, seed=3, matcher=ident)[0].item()
-        m.cfg = dataclasses.replace(m.cfg, dense_weight=0.3)
+        m.dense.weight = 0.3  # λ, as the dense branch holds it (cfg.dense_weight at construction)
         out = m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.item()
     assert abs(out - ref) > 1e-3 and abs(off - ref) > 1e-3
 
 
 def test_densecl_momentum_updates_the_key_dense_head():
     m, batch = tiny_method("densecl"), tiny_batch()
-    before = m.key_dense_head.net[0].weight.clone()
+    before = m.dense.key_head.net[0].weight.clone()
     m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.backward()
-    assert m.dense_head.net[0].weight.grad is not None and m.key_dense_head.net[0].weight.grad is None
-    m.dense_head.net[0].weight.data.add_(1.0)
+    assert m.dense.head.net[0].weight.grad is not None and m.dense.key_head.net[0].weight.grad is None
+    m.dense.head.net[0].weight.data.add_(1.0)
     m.after_step(0)  # key dense head <- m·key + (1-m)·online
-    expected = m.cfg.momentum * before + (1 - m.cfg.momentum) * m.dense_head.net[0].weight
-    assert torch.allclose(m.key_dense_head.net[0].weight, expected, atol=1e-6)
+    expected = m.cfg.momentum * before + (1 - m.cfg.momentum) * m.dense.head.net[0].weight
+    assert torch.allclose(m.dense.key_head.net[0].weight, expected, atol=1e-6)
 
 
 def test_dense_head_bn_is_conv_bn_relu_conv_bn_per_cell():

@@ -32,11 +32,12 @@ from torch.nn import functional as F
 from cropbench.backbones import build_backbone
 from cropbench.config import from_dict
 from cropbench.dist import DistContext
-from cropbench.methods.base import ImageBatch, MethodContext, SSLMethod
+from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
 from cropbench.methods.losses import info_nce, negative_cosine, nt_xent, symmetric
 from cropbench.methods.momentum import Queue
 from cropbench.registry import METHODS
+from cropbench.types import ImageBatch
 
 ONE = DistContext()
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-6

@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cropbench.config import from_dict
-from cropbench.data.video_transforms import cube_sample
 from cropbench.dist import DistContext
-from cropbench.methods.base import MethodContext, VideoBatch, View
+from cropbench.methods.base import MethodContext
 from cropbench.methods.losses import info_nce
-from cropbench.methods.paramcrop import params_to_cubes
+from cropbench.methods.paramcrop import CubeConfig, CubeViews, params_to_cubes
 from cropbench.registry import BACKBONES, METHODS
+from cropbench.types import VideoBatch, View
+from cropbench.views.video_transforms import cube_sample
 
 ONE = DistContext()
 SMALL = {"hidden_dim": 32, "out_dim": 16}
@@ -47,6 +48,13 @@ def _method(name: str, batch_size: int = 4, **params: object) -> nn.Module:
     cfg = from_dict(cls.Config, {**SMALL, **extra, **params})
     ctx = MethodContext(steps_per_epoch=2, epochs=2, batch_size=batch_size)
     return cls(cfg, backbone, ctx)
+
+
+def _paramcrop(framework: str = "vsimclr", **cube: object) -> nn.Module:
+    """``framework`` with ParamCrop's cube as its generator, built after the heads (as build_method)."""
+    m = _method(framework)
+    m.views = CubeViews(from_dict(CubeConfig, cube))
+    return m
 
 
 def _batch(n: int, window: int = 49, seed: int = 0) -> VideoBatch:
@@ -285,14 +293,14 @@ def test_paramcrop_cube_sampling_matches_a_naive_trilinear_loop_in_value_and_gra
 def test_paramcrop_with_its_generator_zeroed_gives_other_cubes_and_no_crop_gradient():
     """Mechanism off: a zeroed crop MLP gives every clip and view the same middle cube; the live
     one gives per-clip cubes, and the (reversed) loss gradient reaches its weights."""
-    m, batch = _method("paramcrop_simclr"), _batch(3, window=32)
+    m, batch = _paramcrop(), _batch(3, window=32)
     views = m.make_views(batch, torch.Generator().manual_seed(7))
     loss = m.training_step(batch, 0, torch.Generator().manual_seed(7)).loss
-    grads = torch.autograd.grad(loss, list(m.cube_generator.parameters()))
+    grads = torch.autograd.grad(loss, list(m.views.cube_generator.parameters()))
     assert all(gr.abs().sum() > 0 for gr in grads)
     with torch.no_grad():
-        m.cube_generator.net[-1].weight.zero_()
-        m.cube_generator.net[-1].bias.zero_()
+        m.views.cube_generator.net[-1].weight.zero_()
+        m.views.cube_generator.net[-1].bias.zero_()
     off = m.make_views(batch, torch.Generator().manual_seed(7))
     for v_on, v_off in zip(views, off, strict=True):
         assert not torch.allclose(v_on.prov.boxes, v_off.prov.boxes, atol=1e-3)

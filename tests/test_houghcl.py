@@ -21,7 +21,7 @@ from cropbench.methods.houghcl import (
     synthetic_crop_pairs,
     synthetic_shift_pairs,
 )
-from cropbench.methods.views import grid_centres
+from cropbench.views.image import grid_centres
 
 
 def _naive_hough(fq: torch.Tensor, fk: torch.Tensor, topk: int = 0, normalise: bool = True) -> list[int]:

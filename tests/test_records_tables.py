@@ -87,7 +87,7 @@ def test_exception_mid_write_leaves_old_record_and_no_temp(tmp_path: Path, monke
     def boom(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("cropbench.records.os.fsync", boom)
+    monkeypatch.setattr("cropbench.io.os.fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         write_record(tmp_path, rec(top1=99.0))
     assert path.read_bytes() == before
@@ -100,8 +100,9 @@ def test_process_killed_mid_write_never_shows_half_a_record(tmp_path: Path) -> N
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
+        "import cropbench.io\n"
         "import cropbench.records as R\n"
-        "R.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "cropbench.io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         "r = R.Record('simclr', 'default', 'micro', 'knn', 0, {'top1': 1.0}, {}, 0.0,\n"
         "             {'blob': 'x' * 10**6})\n"
         "R.write_record(Path(sys.argv[1]), r)\n"

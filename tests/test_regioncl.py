@@ -200,7 +200,7 @@ def test_regioncl_d_adds_the_region_term_to_densecl():
     lg = {k: float(v) for k, v in out.logs.items()}
     expected = 0.5 * lg["loss_global"] + 0.5 * lg["loss_dense"] + lg["loss_region"]
     assert abs(out.loss.item() - expected) < 1e-4
-    assert int(m.dense_queue.ptr) == 4
+    assert int(m.dense.queue.ptr) == 4
 
 
 def test_regioncl_rejects_a_batch_too_small_to_swap():

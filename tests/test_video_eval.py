@@ -196,7 +196,7 @@ def test_brave_colour_ops_match_a_per_pixel_transcription_of_tf():
         m = y.mean(dim=(3, 4), keepdim=True)
         y = (y - m) * con[b] + m
         from cropbench.evaluations.action import tf_adjust_saturation
-        from cropbench.methods.views import adjust_hue
+        from cropbench.views.image import adjust_hue
 
         swapped[b] = adjust_hue(tf_adjust_saturation(y, sat[b : b + 1]), hue[b : b + 1]).clamp(0, 1)[0]
     assert (swapped - out).abs().max() > 1e-3

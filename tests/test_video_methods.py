@@ -3,26 +3,27 @@ and one training step of every registered video method."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from cropbench.config import from_dict
-from cropbench.methods.base import MethodContext, VideoBatch
-from cropbench.methods.brave import frame_differences, regression
+from cropbench.methods.base import EpochContext, MethodContext
+from cropbench.methods.brave import regression
 from cropbench.methods.losses import info_nce
-from cropbench.methods.paramcrop import CubeGenerator, grad_reverse, params_to_cubes
+from cropbench.methods.paramcrop import CubeConfig, CubeGenerator, CubeViews, grad_reverse, params_to_cubes
 from cropbench.methods.video_backbones import temporal_shift
-from cropbench.methods.video_views import cube_iou
 from cropbench.methods.videomoco import decayed_info_nce, drop_frames
 from cropbench.optim import build_optimizer, named_params, set_lr
 from cropbench.recipe import OptimConfig
 from cropbench.registry import BACKBONES, METHODS
+from cropbench.types import VideoBatch
+from cropbench.viewplot import draw_epoch_curves
+from cropbench.views.generators import frame_differences
+from cropbench.views.video import cube_iou
 
 SMALL = {"hidden_dim": 32, "out_dim": 16}
 
@@ -34,6 +35,13 @@ def _method(name: str, **params: object) -> torch.nn.Module:
     extra = {"broad": [{"backbone_args": {"widths": [8, 8, 16, 16]}}]} if name == "brave" else {}
     cfg = from_dict(cls.Config, {**SMALL, **extra, **params})
     return cls(cfg, backbone, MethodContext(steps_per_epoch=2, epochs=2, batch_size=4))
+
+
+def _paramcrop(framework: str, **cube: object) -> torch.nn.Module:
+    """``framework`` with ParamCrop's cube as its generator, built after the heads (as build_method)."""
+    m = _method(framework, **({"queue_size": 16, "shuffle_bn_splits": 2} if framework == "vmoco" else {}))
+    m.views = CubeViews(from_dict(CubeConfig, cube))
+    return m
 
 
 def _batch(window: int = 49, n: int = 4) -> VideoBatch:
@@ -235,9 +243,9 @@ def test_paramcrop_crop_mlp_ascends_the_loss_the_encoder_descends():
     batch = _batch(32)
     grads = {}
     for w in (1.0, -1.0):  # weight −1: no reversal, the plain gradient of the loss
-        m = _method("paramcrop_simclr", grl_weight=w)
+        m = _paramcrop("vsimclr", grl_weight=w)
         m.training_step(batch, 0, torch.Generator().manual_seed(3)).loss.backward()
-        grads[w] = torch.cat([p.grad.flatten() for p in m.cube_generator.parameters()])
+        grads[w] = torch.cat([p.grad.flatten() for p in m.views.cube_generator.parameters()])
         enc = torch.cat([p.grad.flatten() for p in m.backbone.parameters()])
         grads[f"enc{w}"] = enc
     assert grads[1.0].abs().sum() > 0
@@ -246,17 +254,17 @@ def test_paramcrop_crop_mlp_ascends_the_loss_the_encoder_descends():
 
 
 def test_paramcrop_logs_epoch_iou_and_draws_the_curve(tmp_path):
-    m = _method("paramcrop_byol")
+    m = _paramcrop("vbyol", blur_p=[0.0, 0.0], solarize_p=[0.0, 0.2])
     batch, g = _batch(32), torch.Generator().manual_seed(0)
     views = m.make_views(batch, g)
     expected = cube_iou(views[0].prov, views[1].prov).mean().item()
-    (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"epoch": 1, "view_iou": 0.9, "view_centre_distance": 0.1}) + "\n"
-    )
-    out = m.on_epoch_end(1, SimpleNamespace(run_dir=tmp_path))
+    out = m.on_epoch_end(EpochContext(1, run_dir=tmp_path))
     assert out["view_iou"] == pytest.approx(expected, rel=1e-5) and 0 < out["view_centre_distance"] < 2
+    assert not list(tmp_path.iterdir())  # a method returns data only; cropbench.viewplot draws its curve
+    history = [{"epoch": 1, "view_iou": 0.9, "view_centre_distance": 0.1}, {"epoch": 2, **out}]
+    assert draw_epoch_curves(tmp_path, history, m.epoch_curves) == [tmp_path / "paramcrop_views.png"]
     assert (tmp_path / "paramcrop_views.png").read_bytes()[:4] == b"\x89PNG"
-    assert m.on_epoch_end(2, SimpleNamespace(run_dir=tmp_path)) == {}  # nothing accumulated since
+    assert m.on_epoch_end(EpochContext(2, run_dir=tmp_path)) == {}  # nothing accumulated since
     assert isinstance(CubeGenerator(4, 8)(torch.randn(3, 4)), torch.Tensor)
 
 
@@ -321,9 +329,6 @@ VIDEO_METHODS = [
     "vmoco",
     "vbyol",
     "videomoco",
-    "paramcrop_simclr",
-    "paramcrop_moco",
-    "paramcrop_byol",
     "brave",
 ]
 
@@ -332,12 +337,12 @@ def test_the_list_covers_every_registered_video_method():
     assert {n for n in METHODS.names() if getattr(METHODS.get(n), "modality", "") == "video"} == set(VIDEO_METHODS)
 
 
-@pytest.mark.parametrize("name", VIDEO_METHODS)
+@pytest.mark.parametrize("name", [*VIDEO_METHODS, "paramcrop+vsimclr", "paramcrop+vmoco", "paramcrop+vbyol"])
 def test_every_video_method_takes_a_finite_training_step(name, tmp_path):
     params = {"queue_size": 16, "shuffle_bn_splits": 2} if "moco" in name else {}  # batch 4
     if name == "videomoco":
         params.update(drop=2, adversarial_from=0.0)
-    m = _method(name, **params)
+    m = _paramcrop(name[len("paramcrop+") :]) if name.startswith("paramcrop+") else _method(name, **params)
     batch = _batch(49 if name == "brave" else 32)
     before = [p.detach().clone() for p in m.backbone.parameters()]
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
@@ -348,4 +353,4 @@ def test_every_video_method_takes_a_finite_training_step(name, tmp_path):
     m.after_step(1)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, m.backbone.parameters(), strict=True))
     assert m.encoder is m.backbone and m.modality == "video"
-    assert isinstance(m.on_epoch_end(0, SimpleNamespace(run_dir=Path(tmp_path))), dict)
+    assert isinstance(m.on_epoch_end(EpochContext(0, run_dir=Path(tmp_path))), dict)

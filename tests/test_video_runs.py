@@ -53,7 +53,8 @@ def test_video_entry_runs_end_to_end(entry, variant, data_root, tmp_path):
 
 def test_every_video_entry_validates_at_every_scale():
     from cropbench.config import from_dict
-    from cropbench.registry import EVALUATIONS, METHODS
+    from cropbench.registry import EVALUATIONS
+    from cropbench.runner import resolved_config
 
     for name in ("vsimclr", "vmoco", "vbyol", "videomoco", "paramcrop", "brave"):
         entry = load_entry(name)
@@ -61,7 +62,7 @@ def test_every_video_entry_validates_at_every_scale():
         for variant in entry.variants:
             for scale in ("micro", "small", "paper"):
                 recipe = entry.recipe(variant, scale)
-                from_dict(METHODS.get(recipe.method).Config, recipe.params, name, "params")
+                resolved_config(recipe, name)  # the method's Config and the generator's it names
                 for ev in entry.evaluations:
                     from_dict(EVALUATIONS.get(ev).Settings, recipe.eval.get(ev, {}), name, f"eval.{ev}")
                 assert recipe.deviations, f"{name}/{variant}/{scale}: every departure needs a note"

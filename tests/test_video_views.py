@@ -9,24 +9,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.nn import functional as F
 
-from cropbench.data.video_transforms import (
-    cube_sample,
-    eval_views,
-    frame_interval,
-    normalize_video,
-    spatial_crops,
-)
-from cropbench.methods.base import ViewProvenance
-from cropbench.methods.video_views import (
-    VideoViewConfig,
-    cube_centre_distance,
-    cube_iou,
-    make_video_view,
-    photometric,
-    random_convolution,
-    render_view_strip,
-)
-from cropbench.methods.views import (
+from cropbench.types import ViewProvenance
+from cropbench.viewplot import render_view_strip
+from cropbench.views.image import (
     ViewConfig,
     _jitter_around_hue,
     adjust_brightness,
@@ -35,6 +20,21 @@ from cropbench.methods.views import (
     adjust_saturation,
     color_jitter,
     sample_jitter,
+)
+from cropbench.views.video import (
+    VideoViewConfig,
+    cube_centre_distance,
+    cube_iou,
+    make_video_view,
+    photometric,
+    random_convolution,
+)
+from cropbench.views.video_transforms import (
+    cube_sample,
+    eval_views,
+    frame_interval,
+    normalize_video,
+    spatial_crops,
 )
 
 

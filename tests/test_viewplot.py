@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cropbench.methods.base import View, ViewProvenance
-from cropbench.viewplot import render_views, view_statistics
+from cropbench.types import EpochCurve, View, ViewProvenance
+from cropbench.viewplot import curve_points, draw_epoch_curves, render_views, view_statistics
 
 
 def _view(boxes: list[list[float]], flipped: list[bool], extra: dict | None = None) -> View:
@@ -68,3 +68,29 @@ def test_render_views_dispatches_video_entries_to_the_view_strip(tmp_path, data_
     stats = render_views("vsimclr", "default", out, n_images=1, data_root=data_root)
     _png_ok(out)
     assert 0 <= stats["iou"] <= 1
+
+
+CURVE = EpochCurve("c.png", "t", (("view_iou", "IoU"), ("view_centre_distance", "distance")))
+
+
+def test_epoch_curve_points_are_the_epoch_rows_that_hold_every_series():
+    """Step rows (no series key) and rows with only some keys are skipped; epochs come out sorted
+    and a repeated epoch (a resumed run's re-logged epoch) takes its last row."""
+    history = [
+        {"epoch": 1, "step": 4, "loss": 3.0},
+        {"epoch": 2, "view_iou": 0.5, "view_centre_distance": 0.2, "epoch_loss": 2.0},
+        {"epoch": 1, "view_iou": 0.9, "view_centre_distance": 0.1},
+        {"epoch": 3, "view_iou": 0.4},
+        {"epoch": 2, "view_iou": 0.6, "view_centre_distance": 0.3},
+    ]
+    assert curve_points(history, CURVE) == ([1, 2], {"view_iou": [0.9, 0.6], "view_centre_distance": [0.1, 0.3]})
+    assert curve_points(history[:1], CURVE) == ([], {"view_iou": [], "view_centre_distance": []})
+
+
+def test_draw_epoch_curves_writes_a_png_only_once_there_are_points(tmp_path):
+    assert draw_epoch_curves(tmp_path, [{"epoch": 1, "step": 1, "loss": 1.0}], (CURVE,)) == []
+    assert list(tmp_path.iterdir()) == []
+    rows = [{"epoch": e, "view_iou": 1 / e, "view_centre_distance": e / 10} for e in (1, 2, 3)]
+    assert draw_epoch_curves(tmp_path, rows, (CURVE,)) == [tmp_path / "c.png"]
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG" and img.size == (550, 352)  # 5×3.2 in at 110 dpi

@@ -15,8 +15,8 @@ from torchvision.ops import box_iou as tv_box_iou
 
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError
-from cropbench.methods import views as V
-from cropbench.methods.base import ViewProvenance
+from cropbench.types import ViewProvenance
+from cropbench.views import image as V
 
 
 def _images(n: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:

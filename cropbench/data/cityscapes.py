@@ -8,7 +8,6 @@ train ids with the official table (``Cityscapes.classes[i].train_id``), everythi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +92,7 @@ class CityscapesSemantic(Dataset):
         return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous(), label
 
 
-def _build(folder: Path, split: str, **_: Any) -> CityscapesSemantic:
+def _build(folder: Path, split: str) -> CityscapesSemantic:
     return CityscapesSemantic(folder, split)
 
 

@@ -13,7 +13,6 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +179,7 @@ def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], l
     return list(images), list(targets)
 
 
-def _build(folder: Path, split: str, masks: bool = True, **_: Any) -> CocoInstances:
+def _build(folder: Path, split: str, masks: bool = True) -> CocoInstances:
     return CocoInstances(folder, split, masks)
 
 

@@ -1,7 +1,7 @@
 """Image classification datasets that yield fixed-size uint8 canvases (views are cut on-device).
 
 Workers only decode and resize (shorter side to ``image_size``, centre crop); all random view
-construction happens batched on the training device (``cropbench.methods.views``). Taking the
+construction happens batched on the training device (``cropbench.views.image``). Taking the
 random-resized crop from this canvas rather than from the full-resolution image is a documented
 deviation at paper scale (canvas 256 px for 224-px views).
 """
@@ -22,7 +22,7 @@ from torchvision.transforms import functional as TF
 from cropbench.data import DatasetSpec, register_dataset
 from cropbench.data.synth import GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
-from cropbench.methods.base import ImageBatch
+from cropbench.types import ImageBatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,13 +140,11 @@ def collate_images(samples: list[tuple[Tensor, int, int]]) -> ImageBatch:
     return ImageBatch(torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long))
 
 
-def _build_imagefolder(
-    folder: Path, split: str, image_size: int = 64, cache: bool = False, **_: object
-) -> ImageFolderCanvas:
+def _build_imagefolder(folder: Path, split: str, image_size: int = 64, cache: bool = False) -> ImageFolderCanvas:
     return ImageFolderCanvas(folder, split, image_size, cache)
 
 
-def _build_synth(folder: Path, split: str, image_size: int = 64, cache: bool = True, **_: object) -> ImageFolderCanvas:
+def _build_synth(folder: Path, split: str, image_size: int = 64, cache: bool = True) -> ImageFolderCanvas:
     return ImageFolderCanvas(folder, split, image_size, cache)
 
 
@@ -232,9 +230,7 @@ for _name in ("cifar10", "cifar100", "stl10"):
             "classification",
             _name,
             TorchvisionCanvas.LAYOUTS[_name],
-            (lambda n: lambda folder, split, image_size=32, **_: TorchvisionCanvas(n, folder, split, image_size))(
-                _name
-            ),
+            (lambda n: lambda folder, split, image_size=32: TorchvisionCanvas(n, folder, split, image_size))(_name),
             description=f"{_name} in its official torchvision layout",
         )
     )

@@ -48,7 +48,7 @@ from cropbench.data.video_lists import (
 )
 from cropbench.data.video_synth import write_hmdb51, write_ucf101
 from cropbench.errors import DatasetError
-from cropbench.methods.base import VideoBatch
+from cropbench.types import VideoBatch
 
 
 @dataclass
@@ -223,7 +223,6 @@ def _builder(lister: Callable[[Path, str], VideoList], synthetic: bool) -> Calla
         stride: int = 1,
         seed: int = 0,
         max_bad_fraction: float = 0.05,
-        **_: object,
     ) -> VideoClips:
         """Synthetic sets are small: decoded once into memory (``cache``); real ones per sample."""
         return VideoClips(

@@ -160,7 +160,7 @@ class VocDetection(Dataset):
 
 
 def _build(classes: tuple[str, ...]) -> Any:
-    return lambda folder, split, **_: VocDetection(folder, split, classes)
+    return lambda folder, split: VocDetection(folder, split, classes)
 
 
 register_dataset(

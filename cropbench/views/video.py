@@ -5,10 +5,10 @@ Feichtenhofer et al. CVPR'21).
 Input: the uint8 window B×3×T×S×S a ``VideoBatch`` carries. Each view picks ``frames`` frames
 every ``stride`` frames from a random start in the window, a RandomResizedCrop box (the image
 views' ``sample_boxes``), a flip, then colour jitter / grayscale / blur / solarize with per-clip
-factors (``methods.views`` ops on 5-D tensors: contrast blends with the clip's mean grey level)
+factors (``cropbench.views.image`` ops on 5-D tensors: contrast blends with the clip's mean grey level)
 and Kinetics normalisation. The cube is cut by ``cube_sample`` (trilinear, differentiable).
 Provenance: ``boxes`` in canvas pixels, ``flipped``, and ``extra["time"]`` (B×2 frame interval
-in window frames, convention of ``cropbench.data.video_transforms``), ``extra["looped"]``.
+in window frames, convention of ``cropbench.views.video_transforms``), ``extra["looped"]``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from cropbench.data.video_transforms import cube_sample, frame_interval, normalize_video
 from cropbench.errors import ConfigError
-from cropbench.methods.base import View, ViewProvenance
-from cropbench.methods.views import (
+from cropbench.types import View, ViewProvenance
+from cropbench.views.image import (
     ViewConfig,
     apply_where,
     color_jitter,
@@ -34,6 +33,7 @@ from cropbench.methods.views import (
     solarize,
     to_gray,
 )
+from cropbench.views.video_transforms import cube_sample, frame_interval, normalize_video
 
 
 def video_image_views() -> ViewConfig:
@@ -177,82 +177,3 @@ def cube_centre_distance(a: ViewProvenance, b: ViewProvenance) -> Tensor:
     ).to(a.boxes.device)
     (a0, a1), (b0, b1) = _cube(a), _cube(b)
     return (((a0 + a1) - (b0 + b1)) / (2 * extent)).norm(dim=1)
-
-
-# ---------------------------------------------------------------- plots (``cropbench views``)
-
-
-def _to_rgb(frame: Tensor) -> Tensor:
-    """3×h×w normalised frame -> h×w×3 in [0, 1] for display (min-max when not an RGB view)."""
-    from cropbench.data.video_transforms import KINETICS_MEAN, KINETICS_STD
-
-    mean, std = torch.tensor(KINETICS_MEAN).view(3, 1, 1), torch.tensor(KINETICS_STD).view(3, 1, 1)
-    x = frame.detach().float().cpu() * std + mean
-    if x.min() < -0.05 or x.max() > 1.05:  # frame differences, random convolutions
-        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-6)
-    return x.clamp(0, 1).permute(1, 2, 0)
-
-
-def render_view_strip(
-    video: Tensor,
-    views: list[View],
-    out_png: str,
-    n_samples: int = 2,
-    n_frames: int = 8,
-    names: list[str] | None = None,
-) -> dict[str, float]:
-    """PNG: per sample, a strip of window frames with each view's crop cube drawn (its box on the
-    frames inside its time interval), then a strip of frames per view. Returns the mean cube IoU
-    and centre distance of views 0 and 1 (when there are two views with time provenance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    colours = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
-    names = names or [f"view {i + 1}" for i in range(len(views))]
-    n_samples = min(n_samples, video.shape[0])
-    window = video.shape[2]
-    rows = n_samples * (1 + len(views))
-    fig, axes = plt.subplots(rows, n_frames, figsize=(1.3 * n_frames, 1.4 * rows), squeeze=False)
-    for s in range(n_samples):
-        base = s * (1 + len(views))
-        picks = torch.linspace(0, window - 1, n_frames).round().long()
-        for col, f in enumerate(picks.tolist()):
-            ax = axes[base, col]
-            ax.imshow(video[s, :, f].permute(1, 2, 0).cpu().numpy())
-            ax.set_title(f"frame {f}", fontsize=6)
-            for view, c in zip(views, colours, strict=False):
-                t0, t1 = view.prov.extra["time"][s].tolist()
-                if t0 <= f + 0.5 < t1:
-                    x0, y0, x1, y1 = view.prov.boxes[s].tolist()
-                    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=c, lw=1.2))
-        for v, view in enumerate(views):
-            t = view.tensor.shape[2]
-            for col in range(n_frames):
-                ax = axes[base + 1 + v, col]
-                if col < t:
-                    k = col if t <= n_frames else int(round(col * (t - 1) / (n_frames - 1)))
-                    ax.imshow(_to_rgb(view.tensor[s, :, k]).numpy())
-                    t0, t1 = view.prov.extra["time"][s].tolist()
-                    frame_at = t0 + (k + 0.5) * (t1 - t0) / t - 0.5
-                    ax.set_title(f"{names[v]} @{frame_at:.0f}", fontsize=6, color=colours[v % len(colours)])
-        axes[base, 0].set_ylabel(f"clip {s}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    stats: dict[str, float] = {}
-    if len(views) >= 2:
-        stats = {
-            "iou": float(cube_iou(views[0].prov, views[1].prov).mean()),
-            "centre_distance": float(cube_centre_distance(views[0].prov, views[1].prov).mean()),
-        }
-        fig.suptitle(
-            f"{names[0]} vs {names[1]}: cube IoU {stats['iou']:.2f}, centre distance {stats['centre_distance']:.2f}",
-            fontsize=8,
-        )
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return stats

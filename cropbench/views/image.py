@@ -35,7 +35,7 @@ from torchvision.ops import roi_align
 
 from cropbench.data.images import normalize
 from cropbench.errors import ConfigError
-from cropbench.methods.base import View, ViewProvenance
+from cropbench.types import View, ViewProvenance
 
 
 @dataclass(frozen=True)
