@@ -403,7 +403,7 @@ class PlainSimCLR:
 
     @staticmethod
     def _channels_last(recipe: Recipe, device: torch.device) -> bool:
-        return device.type == "cuda" and recipe.train.channels_last
+        return recipe.train.channels_last  # as the Trainer: NHWC on CUDA and CPU
 
     @staticmethod
     def _optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
@@ -527,7 +527,7 @@ def _step_extra(recipe: Recipe, ours: Run, ref: Run, flops: int, device: torch.d
         "view_size": method_config(recipe).views.size,
         "optimizer": recipe.optim.name,
         "amp_bf16": device.type == "cuda" and recipe.train.amp,
-        "channels_last": device.type == "cuda" and recipe.train.channels_last,
+        "channels_last": recipe.train.channels_last,
         "first_loss_ours": float(ours.first),
         "first_loss_reference": float(ref.first),
         "flops_per_step": flops,

@@ -60,7 +60,7 @@ class TrainConfig:
     batch_size: int = 256
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # image models in NHWC: cuDNN (CUDA) and oneDNN (CPU) run convs faster
     log_every: int = 10
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     grad_clip: float | None = None

@@ -341,7 +341,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         method = self.method = convert_batchnorm(method, device, dist_ctx, quiet)
         method.to(device)
-        if device.type == "cuda" and recipe.train.channels_last and method.modality == "image":
+        if recipe.train.channels_last and method.modality == "image":  # oneDNN (CPU) and cuDNN
             method.to(memory_format=torch.channels_last)
         self.train_dataset = method.prepare_dataset(dataset, self.run_dir)
         tc = recipe.train
