@@ -53,7 +53,14 @@ from cropbench.io import write_text_atomic
 from cropbench.methods.heads import simclr_projector
 from cropbench.optim import build_optimizer, named_params
 from cropbench.recipe import Recipe, flatten, load_entry
-from cropbench.runner import build_method, eval_settings, method_config, method_context, resolve_device
+from cropbench.runner import (
+    build_method,
+    eval_settings,
+    generator_config,
+    method_config,
+    method_context,
+    resolve_device,
+)
 from cropbench.trainer import Trainer, views_generator
 from cropbench.types import ImageBatch
 from cropbench.views.image import ViewConfig, make_view
@@ -346,7 +353,7 @@ def bench_views(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Co
     out = []
     for scale, full_batch, quick_batch in (("micro", 256, 256), ("paper", 64, 8)):
         recipe = simclr_recipe(scale)
-        cfg = method_config(recipe).views
+        cfg = generator_config(recipe)
         batch = 256 if cuda else (quick_batch if opts.quick else full_batch)
         c = compare_views(f"{cfg.size} px, batch {batch}", cfg, recipe.data.image_size, batch, repeats, device)
         echo(c.line())
@@ -417,7 +424,7 @@ class PlainSimCLR:
 
     def forward_views(self, images: Tensor) -> Tensor:
         """uint8 B×3×S×S -> 2B×out_dim projections of two views (views from the trainer's RNG)."""
-        cfg = method_config(self.recipe).views
+        cfg = generator_config(self.recipe)
         gen = views_generator(self.recipe.train.seed, self.step, 0, self.device)
         x = torch.cat([make_view(images, cfg, gen).tensor, make_view(images, cfg, gen).tensor])
         if self._channels_last(self.recipe, self.device):
@@ -524,7 +531,7 @@ def _step_extra(recipe: Recipe, ours: Run, ref: Run, flops: int, device: torch.d
     return {
         "backbone": recipe.backbone,
         "batch": recipe.train.batch_size,
-        "view_size": method_config(recipe).views.size,
+        "view_size": generator_config(recipe).size,
         "optimizer": recipe.optim.name,
         "amp_bf16": device.type == "cuda" and recipe.train.amp,
         "channels_last": recipe.train.channels_last,

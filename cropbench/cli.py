@@ -19,7 +19,14 @@ if TYPE_CHECKING:
     from cropbench.runner import EvalSpec, RunSpec
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-KINDS = {"entries": None, "methods": METHODS, "evals": EVALUATIONS, "datasets": DATASETS, "backbones": BACKBONES}
+KINDS = {
+    "entries": None,
+    "methods": METHODS,
+    "generators": None,  # view generators (cropbench.views.generators; imported when listed)
+    "evals": EVALUATIONS,
+    "datasets": DATASETS,
+    "backbones": BACKBONES,
+}
 
 
 class UserError(click.ClickException):
@@ -57,7 +64,7 @@ def cli() -> None:
 @cli.command("list")
 @click.argument("kind", type=click.Choice(list(KINDS)), default="entries")
 def list_cmd(kind: str) -> None:
-    """List entries, methods, evaluations, datasets or backbones (from the registries)."""
+    """List entries, methods, view generators, evaluations, datasets or backbones (from the registries)."""
     if kind == "entries":
         for name in list_entries():
             e = load_entry(name)
@@ -65,6 +72,10 @@ def list_cmd(kind: str) -> None:
             click.echo(f"{name:<12} {e.modality:<6} {e.paper.title}{variants}")
         return
     reg = KINDS[kind]
+    if kind == "generators":
+        from cropbench.views.generators import VIEW_GENERATORS
+
+        reg = VIEW_GENERATORS
     if kind == "datasets":  # each dataset's exact on-disk layout (cropbench.data.describe)
         from cropbench.data import describe
 
@@ -77,12 +88,19 @@ def list_cmd(kind: str) -> None:
         click.echo(f"{name:<20} {desc}")
 
 
+def _generator_name(r: Recipe) -> str:
+    """The view generator the recipe names in ``params.views`` (every entry names one)."""
+    views = r.params.get("views")
+    name = views.get("generator") if isinstance(views, dict) else None
+    return name if isinstance(name, str) else "(the method's default)"
+
+
 def _recipe_summary(r: Recipe) -> str:
     """One line: what is trained, on what, for how long."""
     o, t, d = r.optim, r.train, r.data
     return (
         f"{r.method} on {r.backbone}, {d.dataset} at {d.image_size} px, {t.epochs} epochs, batch {t.batch_size}, "
-        f"{o.name} lr {o.lr:g} @ {o.base_batch}; {len(r.deviations)} deviations"
+        f"{o.name} lr {o.lr:g} @ {o.base_batch}; views {_generator_name(r)}; {len(r.deviations)} deviations"
     )
 
 

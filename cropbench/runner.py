@@ -54,7 +54,7 @@ from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.recipe import RUNTIME_ONLY, Entry, Recipe, flatten, load_entry
 from cropbench.registry import DATASETS, EVALUATIONS, METHODS
 from cropbench.trainer import CHECKPOINT, Trainer, TrainResult, read_checkpoint
-from cropbench.views.generators import VIEW_GENERATORS, build_views
+from cropbench.views.generators import VIEW_GENERATORS, ViewGenerator, build_views
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM_INIT = "+random_init"
@@ -94,59 +94,89 @@ def seeded_recipe(entry: Entry, spec: RunSpec, seed: int) -> Recipe:
     return entry.recipe(spec.variant, spec.scale, deep_merge(spec.overrides, {"train": {"seed": seed}}))
 
 
-def views_spec(recipe: Recipe) -> dict[str, Any] | None:
-    """``params.views`` when it names a view generator (``{generator: NAME, ...}``), else None
-    (the method's default generator, built from its own ``params.views``)."""
-    views = recipe.params.get("views")
-    return views if isinstance(views, dict) and "generator" in views else None
+def views_spec(recipe: Recipe, where: str = "") -> dict[str, Any]:
+    """``params.views`` with its generator's name (``{generator: NAME, ...}``): every entry names
+    one; a recipe that names none (a test's or an override's short ``views: {size: 16}``) gets the
+    method's ``default_views``, the generator its entries name."""
+    views = recipe.params.get("views", {})
+    if not isinstance(views, dict):
+        raise ConfigError(f"{where}: params.views: expected a mapping (a view generator's settings), got {views!r}")
+    return views if "generator" in views else {"generator": METHODS.get(recipe.method).default_views, **views}
+
+
+def build_generator(
+    method: str, views: dict[str, Any] | None = None, stride: int | None = None, where: str = ""
+) -> ViewGenerator:
+    """The view generator ``params.views`` gives ``method`` (its ``default_views`` when the mapping
+    names none); ``stride``: the backbone's output stride (region boxes lie on its grid)."""
+    views = views or {}
+    spec = views if "generator" in views else {"generator": METHODS.get(method).default_views, **views}
+    return build_views(spec, stride, where)
 
 
 def method_config(recipe: Recipe, where: str = "") -> Any:
-    """The method's ``Config`` validated from ``recipe.params`` (defaults filled in); a
-    ``params.views`` that names a generator is the generator's (``build_views``), not the method's."""
-    params = {k: v for k, v in recipe.params.items() if not (k == "views" and views_spec(recipe))}
+    """The method's ``Config`` validated from ``recipe.params`` (defaults filled in); ``params.views``
+    belongs to the view generator (``build_views``), not to the method."""
+    params = {k: v for k, v in recipe.params.items() if k != "views"}
     return from_dict(METHODS.get(recipe.method).Config, params, where, "params")
 
 
-def resolved_config(recipe: Recipe, where: str = "") -> Any:
-    """What records carry as ``provenance.config``: the method's Config, and when the recipe names
-    a view generator, ``views`` = that generator's validated Config (with its name)."""
-    cfg, spec = method_config(recipe, where), views_spec(recipe)
-    if spec is None:
-        return cfg
+def generator_config(recipe: Recipe, where: str = "") -> Any:
+    """The recipe's view generator's validated ``Config`` (``params.views`` less its name)."""
+    spec = views_spec(recipe, where)
     gen = VIEW_GENERATORS.get(spec["generator"])
-    gen_cfg = from_dict(gen.Config, {k: v for k, v in spec.items() if k != "generator"}, where, "params.views")
-    return {**to_dict(cfg), "views": {"generator": spec["generator"], **to_dict(gen_cfg)}}
+    return from_dict(gen.Config, {k: v for k, v in spec.items() if k != "generator"}, where, "params.views")
+
+
+def resolved_config(recipe: Recipe, where: str = "") -> Any:
+    """What records carry as ``provenance.config``: the method's Config, and ``views`` = its view
+    generator's validated Config, with the generator's name."""
+    name = views_spec(recipe, where)["generator"]
+    gen_cfg = generator_config(recipe, where)
+    return {**to_dict(method_config(recipe, where)), "views": {"generator": name, **to_dict(gen_cfg)}}
 
 
 def build_method(recipe: Recipe, ctx: MethodContext, where: str = "") -> SSLMethod:
-    """Method class from the registry, its Config validated from ``recipe.params``; a setting the
-    method or backbone rejects is a ``ConfigError`` naming the recipe."""
-    cls = METHODS.get(recipe.method)
-    cfg = method_config(recipe, where)
+    """Method class from the registry, its Config validated from ``recipe.params``, its view
+    generator from ``params.views``; a setting either rejects is a ``ConfigError`` naming the recipe."""
     torch.manual_seed(recipe.train.seed)  # the initial weights are a function of the seed
     try:
         backbone = build_backbone(recipe.backbone, **recipe.backbone_args)
-        method = cls(cfg, backbone, ctx)
-        spec = views_spec(recipe)
-        if spec is not None:  # built after the heads: a learned generator draws its weights last
-            method.views = build_views(spec, getattr(backbone, "output_stride", None))
+        return method_from_params(recipe.method, recipe.params, backbone, ctx, where)
     except ConfigError as e:  # an unknown backbone_args key: say which recipe holds it
-        raise ConfigError(f"{where}: {e}") from e
+        if where and not str(e).startswith(where):
+            raise ConfigError(f"{where}: {e}") from e
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {recipe.method} on {recipe.backbone} rejects these settings: {e}") from e
-    _check_stride(cfg, backbone, where)
-    return method
 
 
-def _check_stride(cfg: Any, backbone: torch.nn.Module, where: str) -> None:
+def method_from_params(
+    method: str, params: dict[str, Any], backbone: torch.nn.Module, ctx: MethodContext, where: str = ""
+) -> SSLMethod:
+    """``method`` on ``backbone`` from a recipe's ``params`` (``views``: its view generator's).
+
+    The generator is built before the method (the method may read it: VideoMoCo's frame count,
+    BraVe's broad views) but draws its learned weights after the method's (``reset_parameters``),
+    the initialisation order the goldens pin."""
+    cls = METHODS.get(method)
+    cfg = from_dict(cls.Config, {k: v for k, v in params.items() if k != "views"}, where, "params")
+    stride = getattr(backbone, "output_stride", None)
+    with torch.random.fork_rng(devices=[]):
+        views = build_generator(method, params.get("views"), stride, where)
+    model = cls(cfg, backbone, ctx, views)
+    views.reset_parameters()
+    _check_stride(views, backbone, where)
+    return model
+
+
+def _check_stride(views: ViewGenerator, backbone: torch.nn.Module, where: str) -> None:
     """Region swapping (RegionCL) cuts boxes on the backbone's output grid: the view side must be
     a multiple of its output stride (RegionCL ``cutMix`` boxes are multiples of 32 px)."""
-    stride, views = getattr(backbone, "output_stride", None), getattr(cfg, "views", None)
-    size = getattr(views, "size", None)
-    if hasattr(cfg, "region") and isinstance(stride, int) and isinstance(size, int) and size % stride:
+    stride, size = getattr(backbone, "output_stride", None), views.grid_size
+    if isinstance(stride, int) and isinstance(size, int) and size % stride:
         raise ConfigError(
-            f"{where}: params.views.size: {size} is not a multiple of the backbone's output stride "
+            f"{where}: params.views.views.size: {size} is not a multiple of the backbone's output stride "
             f"{stride}; region boxes lie on that grid (e.g. {max(stride, size - size % stride)})"
         )
 

@@ -82,6 +82,9 @@ class SSLMethod(nn.Module, abc.ABC):
     # before ``adversarial_from``): DDP then walks each step's autograd graph to find them, a cost
     # the other methods skip (tests/test_ddp.py trains every registered method under DDP).
     ddp_find_unused_parameters: ClassVar[bool] = False
+    # The view generator a recipe gets when its ``params.views`` names none (every entry names
+    # one; short test recipes and overrides rely on this): the generator the method's paper uses.
+    default_views: ClassVar[str] = "pair"
 
     def __init__(self, cfg: Any, backbone: nn.Module, ctx: MethodContext):
         super().__init__()
@@ -89,10 +92,9 @@ class SSLMethod(nn.Module, abc.ABC):
         self.backbone = backbone
         self.ctx = ctx
 
-    # The view generator (``cropbench.views.generators``): the one the recipe's ``views`` section
-    # names, passed in by ``build_method``, else the method's default built from its ``params``.
-    # Each concrete method's ``__init__`` takes ``views=None`` and sets it last, so a learned
-    # generator's initial weights are drawn after the heads' (the goldens depend on that order).
+    # The view generator (``cropbench.views.generators``): the one the recipe's ``params.views``
+    # names, built by ``build_method`` and passed in; methods hold no view settings. Each concrete
+    # method's ``__init__`` takes ``views`` and registers it last (the state-dict order).
     views: ViewGenerator
 
     @property

@@ -12,13 +12,15 @@ the predictor's *gradient* is ×10 before the optimizer sees it (the released
 ``_scale_by_module_name`` runs first in the optax chain, so under LARS the trust ratio
 normalises most of it away; it is not an lr ×10). Optical flow is replaced by frame differences of the broad
 clip (``modality: diff``), a deviation the entry records. The evaluated encoder is the narrow one.
+The views are the ``narrow_broad`` generator's (``params.views``); the method holds one backbone
+per broad view (``params.broad_backbones``, in the generator's order).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,31 +33,14 @@ from cropbench.methods.losses import normalized_mse
 from cropbench.methods.vssl import clip_window
 from cropbench.registry import METHODS
 from cropbench.types import VideoBatch
-from cropbench.views.generators import BroadClip, NarrowBroad, NarrowBroadConfig, ViewGenerator
-from cropbench.views.image import ViewConfig
-from cropbench.views.video import VideoViewConfig
-
-
-def narrow_view() -> VideoViewConfig:
-    """Micro narrow view: 8 frames every 2, 32 px (BraVe: 16 frames every 2 at 224 px)."""
-    return VideoViewConfig(
-        8,
-        2,
-        ViewConfig(size=32, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5),
-    )
-
-
-def broad_view() -> VideoViewConfig:
-    """Micro broad view: 16 frames every 3, 24 px, random conv (BraVe: 64 every 4 at 112 px)."""
-    image = ViewConfig(size=24, scale=(0.3, 1.0), ratio=(0.5, 2.0), jitter_order="fixed", blur_p=0.5)
-    return VideoViewConfig(16, 3, image, random_conv_p=1.0)
+from cropbench.views.generators import NarrowBroad, ViewGenerator
 
 
 @dataclass(frozen=True)
-class BroadView:
-    view: VideoViewConfig = field(default_factory=broad_view)
-    modality: Literal["rgb", "diff"] = "rgb"  # "diff": frame differences, the stand-in for flow
-    backbone: str = "r3d_micro"  # each broad view has its own backbone (BACKBONES name)
+class BroadBackbone:
+    """The backbone of one broad view (the view itself is the generator's: ``narrow_broad``)."""
+
+    backbone: str = "r3d_micro"  # BACKBONES name
     backbone_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,30 +55,35 @@ class BraVe(SSLMethod):
 
     # global BN: hk.BatchNorm(cross_replica_axis="i") [google-deepmind/brave@1ae5f0a modules.py]
     batchnorm = "sync"
+    default_views = "narrow_broad"
 
     @dataclass(frozen=True)
     class Config:
-        narrow: VideoViewConfig = field(default_factory=narrow_view)
-        broad: tuple[BroadView, ...] = (BroadView(),)
+        # one backbone per broad view of the generator, in its order (``params.views.broad``)
+        broad_backbones: tuple[BroadBackbone, ...] = (BroadBackbone(),)
         window: int = 49  # decoded frames >= the longest broad span (+1 for frame differences)
         hidden_dim: int = 4096  # BraVe projector / predictor width
         out_dim: int = 128  # BraVe output dim
         predictor_grad_scale: float = 10.0  # BraVe: predictor gradients x10, before the optimizer
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
-        if not cfg.broad:
-            raise ConfigError("params.broad: BraVe needs at least one broad view")
-        self.broad_backbones = nn.ModuleList(build_backbone(b.backbone, **b.backbone_args) for b in cfg.broad)
+        if not isinstance(views, NarrowBroad):
+            raise ConfigError(f"params.views: BraVe needs the narrow_broad generator, got {type(views).__name__}")
+        if len(cfg.broad_backbones) != len(views.cfg.broad):
+            raise ConfigError(
+                f"params.broad_backbones: one per broad view, got {len(cfg.broad_backbones)} for "
+                f"{len(views.cfg.broad)} views (params.views.broad)"
+            )
+        self.broad_backbones = nn.ModuleList(build_backbone(b.backbone, **b.backbone_args) for b in cfg.broad_backbones)
         dims = {backbone.feat_dim, *(bb.feat_dim for bb in self.broad_backbones)}
         if len(dims) != 1:
-            raise ConfigError(f"params.broad: the shared projector needs equal feature dims, got {sorted(dims)}")
+            raise ConfigError(
+                f"params.broad_backbones: the shared projector needs equal feature dims, got {sorted(dims)}"
+            )
         d = backbone.feat_dim
         self.projector = mlp([d, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn", last_norm="bn")
         self.predictor = mlp([cfg.out_dim, cfg.hidden_dim, cfg.out_dim], hidden_norm="bn")
-        if views is None:
-            clips = tuple(BroadClip(b.view, b.modality) for b in cfg.broad)
-            views = NarrowBroad(NarrowBroadConfig(cfg.narrow, clips))
         self.views = views
 
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:

@@ -7,7 +7,7 @@ Reusable parts (CYBORGS builds on them): ``online`` / ``target`` forward the two
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -18,41 +18,28 @@ from cropbench.methods.losses import normalized_mse, symmetric
 from cropbench.methods.momentum import cosine_momentum, ema_update, momentum_copy
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
-from cropbench.views.generators import AsymmetricConfig, AsymmetricPair, ViewGenerator
-from cropbench.views.image import ViewConfig
-
-
-def byol_views() -> ViewConfig:
-    """BYOL's shared view part (Table 6): crop 0.08, jitter (.4, .4, .2, .1) p .8, gray .2."""
-    return ViewConfig(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+from cropbench.views.generators import ViewGenerator
 
 
 @METHODS.register("byol")
 class BYOL(SSLMethod):
     # global BN: hk.BatchNorm(cross_replica_axis="i") [deepmind-research@3d8692e byol/configs/byol.py]
     batchnorm = "sync"
+    default_views = "asymmetric_pair"  # BYOL Table 6: per-view blur / solarize
 
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(default_factory=byol_views)  # shared part of the two views
-        blur_p: tuple[float, float] = (
-            1.0,
-            0.1,
-        )  # BYOL Table 6: view 1 always blurred, view 2 rarely
-        solarize_p: tuple[float, float] = (0.0, 0.2)  # BYOL Table 6: only view 2 solarised
         hidden_dim: int = 4096  # projector and predictor width (BYOL §3.3)
         out_dim: int = 256  # projection size (BYOL §3.3)
         base_momentum: float = 0.996  # τ_base (BYOL §3.3)
         final_momentum: float = 1.0  # τ at the last step (BYOL: 1)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
         self.projector = byol_mlp(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
         self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
-        if views is None:
-            views = AsymmetricPair(AsymmetricConfig(cfg.views, cfg.blur_p, cfg.solarize_p))
         self.views = views
 
     def online(self, x: Tensor) -> Tensor:

@@ -171,6 +171,7 @@ class MaskedViews(ViewGenerator):
     """
 
     Config = AsymmetricConfig
+    description = "CYBORGS: BYOL's asymmetric pair, each view carrying its crop of the segment masks"
 
     def __init__(self, inner: ViewGenerator):
         super().__init__()
@@ -191,6 +192,7 @@ class MaskedViews(ViewGenerator):
 @METHODS.register("cyborgs")
 class CYBORGS(BYOL):
     batchnorm = "sync"  # convert_sync_batchnorm [renwang435/CYBORGS@5737d31 main_cyborgs.py]
+    default_views = "cyborgs_masks"  # BYOL's asymmetric pair, each view with its crop of the masks
 
     @dataclass(frozen=True)
     class Config(BYOL.Config):
@@ -202,9 +204,7 @@ class CYBORGS(BYOL):
         base_momentum: float = 0.996  # CYBORGS: fixed EMA decay, no cosine ramp
         final_momentum: float = 0.996
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        if views is None:
-            views = MaskedViews(AsymmetricPair(AsymmetricConfig(cfg.views, cfg.blur_p, cfg.solarize_p)))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx, views)
         if cfg.masks.k_range[1] > cfg.num_segments:
             raise ConfigError(

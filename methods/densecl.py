@@ -124,7 +124,7 @@ class DenseCL(MoCoV2):
         cfg: Config,
         backbone: nn.Module,
         ctx: MethodContext,
-        views: ViewGenerator | None = None,
+        views: ViewGenerator,
         match: Matcher = wta_match,
     ):
         super().__init__(cfg, backbone, ctx, views)

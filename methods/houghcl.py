@@ -57,7 +57,7 @@ class HoughCL(MoCoV2):
         # holds S² matches, a corner bin 1, so the sum favours "same grid cell"); [UNVERIFIED]
         hough_normalise: bool = True
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx, views)
         vote = {"bin_size": cfg.hough_bin_size, "topk": cfg.hough_topk, "normalise": cfg.hough_normalise}
         self.dense = DenseBranch(cfg, backbone.feat_dim, partial(hough_positives, **vote))

@@ -19,7 +19,7 @@ to momentum-update extra heads).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -39,8 +39,7 @@ from cropbench.methods.momentum import (
 )
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
-from cropbench.views.generators import PairViews, ViewGenerator
-from cropbench.views.image import ViewConfig
+from cropbench.views.generators import ViewGenerator
 
 
 @METHODS.register("mocov2")
@@ -50,7 +49,6 @@ class MoCoV2(SSLMethod):
 
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(default_factory=ViewConfig)  # MoCo v2 aug_plus = ViewConfig defaults
         hidden_dim: int = 2048  # MLP 2048-2048-128 (MoCo v2)
         out_dim: int = 128  # moco --moco-dim default
         temperature: float = 0.2  # --moco-t 0.2 for MoCo v2 (v1 default 0.07)
@@ -65,7 +63,7 @@ class MoCoV2(SSLMethod):
         # plain MLP: off at paper scale; micro turns it on (see the mocov2 entry's deviations)
         projector_bn: bool = False
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
         if cfg.shuffle_bn:
             bn_groups_per_process(cfg.shuffle_bn_splits, ctx.dist.world_size)  # fail early
@@ -74,7 +72,7 @@ class MoCoV2(SSLMethod):
         self.key_backbone = momentum_copy(backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = Queue(cfg.queue_size, cfg.out_dim)
-        self.views = views if views is not None else PairViews(cfg.views)
+        self.views = views
 
     def encode_query(self, x: Tensor) -> Tensor:
         """B×3×h×w -> B×out_dim unit query embeddings (with gradient)."""

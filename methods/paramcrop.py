@@ -106,6 +106,7 @@ class CubeViews(ViewGenerator):
 
     Config = CubeConfig
     modality = "video"
+    description = "ParamCrop: two learned, adversarial 3-D crop cubes (a module the optimizer trains)"
     epoch_curves = (
         EpochCurve(
             "paramcrop_views.png",
@@ -130,6 +131,15 @@ class CubeViews(ViewGenerator):
     @property
     def span(self) -> int:
         return self.cfg.clip.span
+
+    @property
+    def frames(self) -> int:
+        return self.cfg.clip.frames
+
+    def reset_parameters(self) -> None:
+        for layer in self.cube_generator.net:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
     def forward(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
         video, cfg = batch.video, self.cfg

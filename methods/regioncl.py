@@ -16,12 +16,13 @@ source image's view-2 embedding:
 
 The official code releases only -M; how -D and -S attach the region term is [UNVERIFIED] and is
 recorded as a deviation in ``benchmarks/regioncl/entry.yaml``.
+The box size is the ``region_swap`` generator's (``params.views.cells``, with the wrapped pair's
+``params.views.views``); the methods hold the region term's weight (``region_weight``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,12 +50,6 @@ from cropbench.views.image import ViewConfig
 
 
 @dataclass(frozen=True)
-class RegionConfig:
-    cells: tuple[int, int] = (3, 6)  # box side in C5 cells, [lo, hi): official cutMixLower/Upper
-    weight: float = 1.0  # region term weight (official RegionCL-M: instance + region, 1 each)
-
-
-@dataclass(frozen=True)
 class RegionSwapConfig:
     """The recipe's ``views`` for ``region_swap``: the wrapped pair's views and the box size."""
 
@@ -72,6 +67,7 @@ class RegionSwapViews(ViewGenerator):
     """
 
     Config = RegionSwapConfig
+    description = "RegionCL: a view pair plus a composite of the first view with a grid-aligned region swapped"
 
     def __init__(self, inner: ViewGenerator, stride: int, cells: tuple[int, int]):
         super().__init__()
@@ -82,6 +78,10 @@ class RegionSwapViews(ViewGenerator):
         if stride is None:
             raise ConfigError("views.generator: region_swap needs a backbone with an output stride")
         return cls(PairViews(cfg.views), stride, cfg.cells)
+
+    @property
+    def grid_size(self) -> int | None:
+        return getattr(getattr(self.inner, "cfg", None), "size", None)
 
     def forward(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
         views = self.inner(batch, generator)
@@ -102,11 +102,6 @@ class RegionSwapViews(ViewGenerator):
         return View(swap_regions(v.tensor, box, partner), replace(v.prov, extra=extra))
 
 
-def region_views(cfg: Any, backbone: nn.Module) -> RegionSwapViews:
-    """A RegionCL method's default generator: region swap around its framework's pair."""
-    return RegionSwapViews(PairViews(cfg.views), backbone.output_stride, cfg.region.cells)
-
-
 def region_features(backbone: nn.Module, mix: View) -> tuple[Tensor, Tensor]:
     """Composite -> (canvas B×C, paste B×C) pooled from ``backbone``'s C5."""
     c5 = backbone.forward_stages(mix.tensor)[-1]
@@ -125,12 +120,14 @@ def queue_region_loss(m: MoCoV2, mix: View, keys: Tensor) -> Tensor:
 
 @METHODS.register("regioncl_m")
 class RegionCLM(MoCoV2):
+    default_views = "region_swap"
+
     @dataclass(frozen=True)
     class Config(MoCoV2.Config):
-        region: RegionConfig = field(default_factory=RegionConfig)
+        region_weight: float = 1.0  # region term weight (official RegionCL-M: instance + region, 1 each)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k, v_mix = self.make_views(batch, generator)
@@ -139,19 +136,21 @@ class RegionCLM(MoCoV2):
         loss_i, loss_r = self.instance_loss(q, k), queue_region_loss(self, v_mix, k)
         self.enqueue(k)  # only the clean keys are enqueued (official)
         logs = {"loss_instance": loss_i.detach(), "loss_region": loss_r.detach()}
-        return StepOutput(loss_i + self.cfg.region.weight * loss_r, logs)
+        return StepOutput(loss_i + self.cfg.region_weight * loss_r, logs)
 
 
 @METHODS.register("regioncl_d")
 class RegionCLD(MoCoV2):
     """MoCo v2 with DenseCL's dense branch (``DenseBranch``) and the region term."""
 
+    default_views = "region_swap"
+
     @dataclass(frozen=True)
     class Config(DenseCL.Config):
-        region: RegionConfig = field(default_factory=RegionConfig)
+        region_weight: float = 1.0  # region term weight (official RegionCL-M: instance + region, 1 each)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
         self.dense = DenseBranch(cfg, backbone.feat_dim)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -163,17 +162,19 @@ class RegionCLD(MoCoV2):
         loss_r = queue_region_loss(self, v_mix, k.emb)
         self.dense.enqueue(self, k)
         logs = {**logs, "loss_region": loss_r.detach()}
-        return StepOutput(loss + self.cfg.region.weight * loss_r, logs)
+        return StepOutput(loss + self.cfg.region_weight * loss_r, logs)
 
 
 @METHODS.register("regioncl_s")
 class RegionCLS(SimSiam):
+    default_views = "region_swap"
+
     @dataclass(frozen=True)
     class Config(SimSiam.Config):
-        region: RegionConfig = field(default_factory=RegionConfig)
+        region_weight: float = 1.0  # region term weight (official RegionCL-M: instance + region, 1 each)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        super().__init__(cfg, backbone, ctx, views if views is not None else region_views(cfg, backbone))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2, v_mix = self.make_views(batch, generator)
@@ -183,4 +184,4 @@ class RegionCLS(SimSiam):
         p_c, p_p = self.predict(self.projector(torch.cat([canvas, paste]))).chunk(2)
         loss_r = region_regression(p_c, p_p, z2, v_mix.prov.extra["partner"])
         logs = {"loss_siamese": loss_s.detach(), "loss_region": loss_r.detach()}
-        return StepOutput(loss_s + self.cfg.region.weight * loss_r, logs)
+        return StepOutput(loss_s + self.cfg.region_weight * loss_r, logs)

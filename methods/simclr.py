@@ -6,7 +6,7 @@ of the two views' means, ``losses.nt_xent``), a constant factor on loss and grad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,13 +16,7 @@ from cropbench.methods.heads import simclr_projector
 from cropbench.methods.losses import nt_xent
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
-from cropbench.views.generators import PairViews, ViewGenerator
-from cropbench.views.image import ViewConfig
-
-
-def simclr_views() -> ViewConfig:
-    """SimCLR ImageNet views: crop scale 0.08, colour strength 1 (0.8·(1, 1, 1, 0.25)), blur 0.5."""
-    return ViewConfig(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+from cropbench.views.generators import ViewGenerator
 
 
 @METHODS.register("simclr")
@@ -31,15 +25,14 @@ class SimCLR(SSLMethod):
 
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(default_factory=simclr_views)  # SimCLR paper appendix A
         hidden_dim: int = 2048  # projection MLP width = feature dim of R50 (SimCLR)
         out_dim: int = 128  # SimCLR projection output
         temperature: float = 0.1  # google-research/simclr ImageNet command (README @383d414)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
         self.projector = simclr_projector(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
-        self.views = views if views is not None else PairViews(cfg.views)
+        self.views = views
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2 = self.make_views(batch, generator)

@@ -6,7 +6,7 @@ Reusable parts (RegionCL-S builds on them): ``project`` / ``predict`` and ``siam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,8 +17,7 @@ from cropbench.methods.heads import simsiam_predictor, simsiam_projector
 from cropbench.methods.losses import negative_cosine, symmetric
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
-from cropbench.views.generators import PairViews, ViewGenerator
-from cropbench.views.image import ViewConfig
+from cropbench.views.generators import ViewGenerator
 
 
 @METHODS.register("simsiam")
@@ -27,16 +26,15 @@ class SimSiam(SSLMethod):
 
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(default_factory=ViewConfig)  # SimSiam uses MoCo v2's augmentation
         dim: int = 2048  # projector width and output (simsiam --dim)
         pred_dim: int = 512  # predictor bottleneck (simsiam --pred-dim)
         fix_pred_lr: bool = True  # simsiam --fix-pred-lr: predictor lr not decayed by the schedule
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
         self.projector = simsiam_projector(backbone.feat_dim, cfg.dim)
         self.predictor = simsiam_predictor(cfg.dim, cfg.pred_dim)
-        self.views = views if views is not None else PairViews(cfg.views)
+        self.views = views
 
     def project(self, x: Tensor) -> Tensor:
         """B×3×h×w -> B×dim projections z."""

@@ -10,7 +10,7 @@ at small / paper the entry evaluates torchvision's ImageNet-supervised ResNet-50
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +19,7 @@ from torch import Tensor, nn
 from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
-from cropbench.views.generators import SingleView, ViewGenerator
-from cropbench.views.image import ViewConfig
-
-
-def supervised_views() -> ViewConfig:
-    """torchvision's ImageNet classification recipe: RandomResizedCrop(224, scale 0.08-1) and a
-    flip, no colour distortion [pytorch/vision references/classification/presets.py]."""
-    return ViewConfig(scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+from cropbench.views.generators import ViewGenerator
 
 
 def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -46,19 +39,19 @@ def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
 class Supervised(SSLMethod):
     """Supervised pretraining: cross-entropy of a linear classifier on the backbone's pooled features."""
 
+    default_views = "single"  # one augmented view + its label
     batchnorm = "local"  # torchvision's classification reference uses per-GPU BN unless --sync-bn is given
 
     @dataclass(frozen=True)
     class Config:
-        views: ViewConfig = field(default_factory=supervised_views)  # torchvision classification preset
         num_classes: int = 1000  # ImageNet-1k; micro: the 10 texture classes of synth_images
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
         if cfg.num_classes < 2:
             raise ValueError(f"params.num_classes must be >= 2, got {cfg.num_classes}")
         self.classifier = nn.Linear(backbone.feat_dim, cfg.num_classes)  # torchvision ResNet ``fc``
-        self.views = views if views is not None else SingleView(cfg.views)
+        self.views = views
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         (view,) = self.make_views(batch, generator)

@@ -18,7 +18,7 @@ generator that drops frames of the query clip and (2) temporal decay of the queu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from cropbench.errors import ConfigError
 from cropbench.methods.base import MethodContext, StepOutput
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.paramcrop import grad_reverse
 from cropbench.methods.vssl import clip_window
 from cropbench.registry import METHODS
 from cropbench.types import VideoBatch
-from cropbench.views.generators import ClipConfig, ClipViews, ViewGenerator
-from cropbench.views.video import VideoViewConfig
+from cropbench.views.generators import ViewGenerator
 
 
 class FrameScorer(nn.Module):
@@ -114,10 +114,11 @@ class VideoMoCo(MoCoV2):
     ddp_find_unused_parameters = True  # the frame generator gets no gradient before adversarial_from
 
     modality = "video"
+    # query and key from one clip (official loader): the entry's clip_pair sets shared_start
+    default_views = "clip_pair"
 
     @dataclass(frozen=True)
     class Config(MoCoV2.Config):  # MoCo v2's heads, queue, momentum and shuffle-BN (official: the same)
-        views: VideoViewConfig = field(default_factory=VideoViewConfig)
         window: int = 32
         temperature: float = 0.07  # official --moco-t
         decay: float = 0.99999  # temporal decay t (official builder.py)
@@ -128,15 +129,15 @@ class VideoMoCo(MoCoV2):
         # the generator descends −l1_weight·L1(q_fake, q_real) + InfoNCE, the encoder InfoNCE only
         generator_loss: Literal["reverse", "official"] = "reverse"
         l1_weight: float = 100.0  # official train.py: loss_g = -100 * L1Loss(q_fake, q_real)
-        same_clip: bool = True  # query and key from one clip (official loader); False: two clips
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        if views is None:  # query and key from one clip (official loader) unless same_clip is off
-            views = ClipViews(ClipConfig(cfg.views, shared_start=cfg.same_clip))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx, views)
-        if not 0 < cfg.drop < cfg.views.frames:
-            raise ValueError(f"params.drop: expected 1..{cfg.views.frames - 1} frames, got {cfg.drop}")
-        self.generator = FrameScorer(cfg.views.frames)
+        frames = getattr(views, "frames", None)  # the query clip's: the frame scorer's input
+        if not isinstance(frames, int):
+            raise ConfigError(f"params.views: VideoMoCo needs a clip generator (clip_pair), got {type(views).__name__}")
+        if not 0 < cfg.drop < frames:
+            raise ValueError(f"params.drop: expected 1..{frames - 1} frames (params.views.clip.frames), got {cfg.drop}")
+        self.generator = FrameScorer(frames)
         # iterations since each slot was written, as the official ``count``: every enqueue adds 1
         # to all slots and sets the written ones to 1; a never-written slot counts the enqueues so far
         self.register_buffer("slot_age", torch.zeros(cfg.queue_size, dtype=torch.long))

@@ -10,7 +10,7 @@ clips are drawn from it, so ``window`` bounds how far apart in time they can be.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ from cropbench.methods.byol import BYOL
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simclr import SimCLR
 from cropbench.registry import METHODS
-from cropbench.views.generators import ClipConfig, ClipViews, ViewGenerator
-from cropbench.views.video import VideoViewConfig
+from cropbench.views.generators import ViewGenerator
 
 
 def clip_window(dataset: Any, window: int, views: ViewGenerator) -> Any:
@@ -40,14 +39,14 @@ class VideoSimCLR(SimCLR):
     """SimCLR's NT-Xent over two clips of each video. BatchNorm: SimCLR's global BN (inherited)."""
 
     modality = "video"
+    default_views = "clip_pair"
 
     @dataclass(frozen=True)
     class Config(SimCLR.Config):  # SimCLR's heads and temperature (0.1, as Feichtenhofer et al.)
-        views: VideoViewConfig = field(default_factory=VideoViewConfig)  # both clips
         window: int = 32  # decoded frames per video sample (bounds the clips' time offset)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        super().__init__(cfg, backbone, ctx, views if views is not None else ClipViews(ClipConfig(cfg.views)))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
 
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
         return clip_window(dataset, self.cfg.window, self.views)
@@ -61,14 +60,14 @@ class VideoMoCoV2(MoCoV2):
     """
 
     modality = "video"
+    default_views = "clip_pair"
 
     @dataclass(frozen=True)
     class Config(MoCoV2.Config):  # MoCo v2's defaults, declared once (``MoCoV2.Config``)
-        views: VideoViewConfig = field(default_factory=VideoViewConfig)
         window: int = 32
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        super().__init__(cfg, backbone, ctx, views if views is not None else ClipViews(ClipConfig(cfg.views)))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
 
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
         return clip_window(dataset, self.cfg.window, self.views)
@@ -83,15 +82,13 @@ class VideoBYOL(BYOL):
     """
 
     modality = "video"
+    default_views = "clip_pair"
 
     @dataclass(frozen=True)
     class Config(BYOL.Config):  # BYOL's heads, momentum and Table 6 blur / solarize per clip
-        views: VideoViewConfig = field(default_factory=VideoViewConfig)
         window: int = 32
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator | None = None):
-        if views is None:
-            views = ClipViews(ClipConfig(cfg.views, blur_p=cfg.blur_p, solarize_p=cfg.solarize_p))
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx, views)
 
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:

@@ -17,6 +17,7 @@ from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simsiam import SimSiam
 from cropbench.recipe import SCALES, load_entry
 from cropbench.registry import METHODS
+from cropbench.runner import build_generator, generator_config, method_config
 from cropbench.types import ImageBatch
 
 BASELINES = ("simclr", "mocov2", "byol", "simsiam")
@@ -30,11 +31,11 @@ TINY = {  # head sizes for a fast test; everything else is the paper default
 
 def _method(name: str, total_steps: int = 10, **over: object) -> SSLMethod:
     cls = METHODS.get(name)
-    cfg = cls.Config()
-    cfg = replace(cfg, views=replace(cfg.views, size=16), **{**TINY[name], **over})
+    cfg = replace(cls.Config(), **{**TINY[name], **over})
+    views = build_generator(name, {"views": {"size": 16}} if name == "byol" else {"size": 16})
     torch.manual_seed(0)
     backbone = build_backbone("resnet_micro", widths=(8, 8, 16, 16))
-    return cls(cfg, backbone, MethodContext(steps_per_epoch=total_steps, epochs=1, batch_size=8))
+    return cls(cfg, backbone, MethodContext(steps_per_epoch=total_steps, epochs=1, batch_size=8), views)
 
 
 def _batch(n: int = 8) -> ImageBatch:
@@ -143,12 +144,12 @@ def test_entry_recipes_validate_and_state_their_paper(name: str) -> None:
         "voc",
         "cityscapes",
     )  # every image evaluation
-    cls = METHODS.get(name)
     for scale in SCALES:
         recipe = entry.recipe("default", scale)
         assert recipe.method == name
-        cfg = from_dict(cls.Config, recipe.params, entry.path, "params")
-        assert cfg.views.size == (224 if scale == "paper" else 32)
+        method_config(recipe, str(entry.path))  # validates
+        views = generator_config(recipe, str(entry.path))
+        assert (views.views if name == "byol" else views).size == (224 if scale == "paper" else 32)
         if scale != "paper":
             assert recipe.deviations, f"{name}/{scale} states no deviations"
     paper = entry.recipe("default", "paper")
@@ -160,9 +161,11 @@ def test_method_configs_reject_unknown_keys() -> None:
     from cropbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"params.views.sise: unknown key; valid keys of ViewConfig"):
-        from_dict(METHODS.get("simclr").Config, {"views": {"sise": 32}}, "x.yaml", "params")
+        build_generator("simclr", {"sise": 32}, where="x.yaml")
     with pytest.raises(ConfigError, match=r"ViewConfig.jitter_p: expected a probability"):
-        from_dict(METHODS.get("byol").Config, {"views": {"jitter_p": 2.0}}, "x.yaml", "params")
+        build_generator("byol", {"views": {"jitter_p": 2.0}}, where="x.yaml")
+    with pytest.raises(ConfigError, match=r"x.yaml: params.views: unknown key; valid keys of Config"):
+        from_dict(METHODS.get("simclr").Config, {"views": {"size": 32}}, "x.yaml", "params")  # the generator's
 
 
 def test_ema_parameters_are_excluded_from_the_default_param_groups() -> None:

@@ -34,6 +34,7 @@ from cropbench.methods.mask_pool import (
     per_slot,
     sample_segments,
 )
+from cropbench.runner import build_generator, method_from_params
 from cropbench.views.image import crop_resize, hflip
 
 
@@ -325,27 +326,16 @@ def test_masked_images_upsample_masks_to_the_canvas_nearest():
 
 
 def _cyborgs(num_workers: int = 0, **masks) -> CYBORGS:
-    cfg = from_dict(
-        CYBORGS.Config,
-        {
-            "views": {"size": 32, "blur_p": 0.0},
-            "blur_p": [0.0, 0.0],
-            "hidden_dim": 32,
-            "out_dim": 8,
-            "n_sampled": 4,
-            "num_segments": 8,
-            "masks": {
-                "k_range": [2, 4],
-                "stage": 2,
-                "round0_grid": 8,
-                "group_size": 4,
-                "iters": 5,
-                **masks,
-            },
-        },
-    )
+    params = {
+        "views": {"views": {"size": 32, "blur_p": 0.0}, "blur_p": [0.0, 0.0]},
+        "hidden_dim": 32,
+        "out_dim": 8,
+        "n_sampled": 4,
+        "num_segments": 8,
+        "masks": {"k_range": [2, 4], "stage": 2, "round0_grid": 8, "group_size": 4, "iters": 5, **masks},
+    }
     torch.manual_seed(0)
-    return CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(num_workers=num_workers))
+    return method_from_params("cyborgs", params, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(num_workers))
 
 
 def test_cyborgs_rejects_bad_sampling_settings():
@@ -353,7 +343,7 @@ def test_cyborgs_rejects_bad_sampling_settings():
     for bad, field in (({"n_sampled": 0}, "n_sampled=0"), ({"temperature": 0.0}, "temperature=0.0")):
         cfg = from_dict(CYBORGS.Config, {**base, **bad})
         with pytest.raises(ConfigError, match=f"params.n_sampled must be >= 1.*{field}"):
-            CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext())
+            CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(), build_generator("cyborgs"))
 
 
 def _in_features(head: torch.nn.Module) -> int:

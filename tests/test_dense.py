@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from cropbench.backbones import resnet_micro
-from cropbench.config import from_dict
 from cropbench.methods.base import MethodContext
 from cropbench.methods.dense import (
     DenseHead,
@@ -22,6 +21,7 @@ from cropbench.methods.dense import (
 )
 from cropbench.recipe import load_entry
 from cropbench.registry import METHODS
+from cropbench.runner import method_from_params
 from cropbench.types import ImageBatch, ViewProvenance
 
 
@@ -97,15 +97,18 @@ def tiny_batch(n: int = 4, size: int = 64, seed: int = 0) -> ImageBatch:
     return ImageBatch(images, torch.zeros(n, dtype=torch.long), torch.arange(n))
 
 
-def tiny_method(name: str, **params) -> torch.nn.Module:
+def tiny_method(name: str, cells: list[int] | None = None, **params) -> torch.nn.Module:
+    """A small ``name`` on 32-px views (RegionCL: region boxes of ``cells`` C5 cells)."""
     cls = METHODS.get(name)
-    base = {"views": {"size": 32, "blur_p": 0.0}, "hidden_dim": 32, "out_dim": 8, "queue_size": 16}
+    base = {"hidden_dim": 32, "out_dim": 8, "queue_size": 16}
     base["shuffle_bn_splits"] = 1  # key BN over the whole batch, as the references (test_shuffle_bn)
     if name != "regioncl_s":
         base["dense_hidden_dim"] = 16
-    cfg = from_dict(cls.Config, {k: v for k, v in {**base, **params}.items() if k in _fields(cls)})
+    view = {"size": 32, "blur_p": 0.0}
+    views = {"views": view, **({"cells": cells} if cells else {})} if name.startswith("regioncl") else view
+    params = {k: v for k, v in {**base, **params}.items() if k in _fields(cls)}
     torch.manual_seed(0)
-    return cls(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext())
+    return method_from_params(name, {**params, "views": views}, resnet_micro(widths=(8, 8, 8, 16)), MethodContext())
 
 
 def _fields(cls) -> set[str]:

@@ -104,9 +104,19 @@ def test_every_entry_recipe_is_within_the_ranges() -> None:
 def test_a_view_size_off_the_backbone_stride_is_an_error(tmp_path: Path, data_root: Path) -> None:
     """RegionCL boxes lie on the backbone's output grid (resnet_micro: stride 8): a 60-px view is
     named with the stride, instead of a ValueError from the first training step."""
-    args = ["run", "regioncl", "--eval", "knn", *TINY, "--set", "params.views.size=60", "--data-root", str(data_root)]
+    args = [
+        "run",
+        "regioncl",
+        "--eval",
+        "knn",
+        *TINY,
+        "--set",
+        "params.views.views.size=60",
+        "--data-root",
+        str(data_root),
+    ]
     code, out = invoke(*args, "--out", str(tmp_path / "rec"), "--work-dir", str(tmp_path / "runs"))
-    assert code == 2 and "regioncl/entry.yaml (variant 'm', scale 'micro'): params.views.size: 60" in out
+    assert code == 2 and "regioncl/entry.yaml (variant 'm', scale 'micro'): params.views.views.size: 60" in out
     assert "is not a multiple of the backbone's output stride 8" in out and files(tmp_path) == []
 
 

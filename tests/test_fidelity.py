@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cropbench.backbones import build_backbone
-from cropbench.config import from_dict
 from cropbench.dist import DistContext
 from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
 from cropbench.methods.losses import info_nce, negative_cosine, nt_xent, symmetric
 from cropbench.methods.momentum import Queue
 from cropbench.registry import METHODS
+from cropbench.runner import method_from_params
 from cropbench.types import ImageBatch
 
 ONE = DistContext()
@@ -47,17 +47,22 @@ def _unit_free(g: torch.Generator, *shape: int) -> Tensor:
     return torch.randn(*shape, generator=g)
 
 
-def _method(name: str, **params: object) -> SSLMethod:
-    """A small method of the registry on the micro ResNet (32-px views, stride 8: a 4×4 C5)."""
+def _method(name: str, cells: list[int] | None = None, **params: object) -> SSLMethod:
+    """A small method of the registry on the micro ResNet (32-px views, stride 8: a 4×4 C5;
+    RegionCL: region boxes of ``cells`` C5 cells)."""
     cls = METHODS.get(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    base = {"views": {"size": 32, "blur_p": 0.0}, "hidden_dim": 32, "out_dim": 16}
+    base = {"hidden_dim": 32, "out_dim": 16}
     # one key BatchNorm group (the key encoder's split-BN emulation is pinned in its own tests)
     base.update({"queue_size": 24, "dim": 32, "pred_dim": 8, "shuffle_bn_splits": 1})
-    cfg = from_dict(cls.Config, {k: v for k, v in {**base, **params}.items() if k in fields})
+    view = {"size": 32, "blur_p": 0.0}
+    nested = cls.default_views in ("region_swap", "asymmetric_pair", "cyborgs_masks")  # a shared ViewConfig
+    views = {"views": view, **({"cells": cells} if cells else {})} if nested else view
+    params = {k: v for k, v in {**base, **params}.items() if k in fields}
     torch.manual_seed(0)
     backbone = build_backbone("resnet_micro", widths=(8, 8, 8, 16))
-    return cls(cfg, backbone, MethodContext(steps_per_epoch=10, epochs=1, batch_size=6))
+    ctx = MethodContext(steps_per_epoch=10, epochs=1, batch_size=6)
+    return method_from_params(name, {**params, "views": views}, backbone, ctx)
 
 
 def _batch(n: int, seed: int = 0) -> ImageBatch:
@@ -305,7 +310,7 @@ def test_regioncl_m_step_is_the_official_forward_train(n, projector_bn):
     """Loss (instance + region, weight 1 each) and the gradient of every online parameter equal
     the official ``forward_train``'s on the same views, box and keys (even batches: the official
     reversal; odd ones use a cyclic partner, a recorded deviation)."""
-    m = _method("regioncl_m", region={"cells": [1, 3]}, projector_bn=projector_bn)
+    m = _method("regioncl_m", cells=[1, 3], projector_bn=projector_bn)
     batch, params = _batch(n, seed=n), [p for p in m.parameters() if p.requires_grad]
     online = list(m.backbone.parameters()) + list(m.projector.parameters())
     queue0 = m.queue.keys.T.clone()
@@ -328,8 +333,8 @@ def test_regioncl_m_step_is_the_official_forward_train(n, projector_bn):
 def test_regioncl_m_without_its_region_term_is_moco_v2():
     """Mechanism off (region weight 0): the loss drops to the instance term, which differs."""
     batch = _batch(5)
-    full = _method("regioncl_m", region={"cells": [1, 3]})
-    off = _method("regioncl_m", region={"cells": [1, 3], "weight": 0.0})
+    full = _method("regioncl_m", cells=[1, 3])
+    off = _method("regioncl_m", cells=[1, 3], region_weight=0.0)
     out_full = full.training_step(batch, 0, torch.Generator().manual_seed(8))
     out_off = off.training_step(batch, 0, torch.Generator().manual_seed(8))
     assert abs(out_off.loss.item() - out_off.logs["loss_instance"].item()) < 1e-6
@@ -359,7 +364,7 @@ def official_region_box(
 def test_region_box_is_the_official_draw_except_its_off_grid_clip():
     """Same generator, same draws: where the official corner is not clipped the boxes are equal;
     where it is (W − 1 − width), the official pixel box leaves the grid and its neck pools other
-    cells than it swapped, while ours clips to W − width (recorded deviation params.region.cells)."""
+    cells than it swapped, while ours clips to W − width (recorded deviation params.views.cells)."""
     from cropbench.methods.region_swap import box_to_cells, sample_region_box
 
     counts = {"equal": 0, "clipped": 0}

@@ -32,6 +32,7 @@ from cropbench.methods.base import MethodContext
 from cropbench.methods.losses import info_nce
 from cropbench.methods.paramcrop import CubeConfig, CubeViews, params_to_cubes
 from cropbench.registry import BACKBONES, METHODS
+from cropbench.runner import method_from_params
 from cropbench.types import VideoBatch, View
 from cropbench.views.video_transforms import cube_sample
 
@@ -45,9 +46,10 @@ def _method(name: str, batch_size: int = 4, **params: object) -> nn.Module:
     backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 16, 16))
     fields = set(cls.Config.__dataclass_fields__)
     extra = {"shuffle_bn_splits": 1} if "shuffle_bn_splits" in fields else {}
-    cfg = from_dict(cls.Config, {**SMALL, **extra, **params})
+    if name == "videomoco":  # query and key from one clip, as the entry
+        extra["views"] = {"shared_start": True, **params.pop("views", {})}  # type: ignore[dict-item]
     ctx = MethodContext(steps_per_epoch=2, epochs=2, batch_size=batch_size)
-    return cls(cfg, backbone, ctx)
+    return method_from_params(name, {**SMALL, **extra, **params}, backbone, ctx)
 
 
 def _paramcrop(framework: str = "vsimclr", **cube: object) -> nn.Module:
@@ -177,14 +179,23 @@ def official_brave_loss(m: nn.Module, views: list[View]) -> Tensor:
     return torch.stack(losses).mean()
 
 
-BROAD = {"backbone_args": {"widths": [8, 8, 16, 16]}}
+TINY_BACKBONE = {"backbone_args": {"widths": [8, 8, 16, 16]}}
+_IMAGE = {"size": 32, "scale": [0.3, 1.0], "ratio": [0.5, 2.0], "jitter_order": "fixed", "blur_p": 0.5}
+NARROW = {"frames": 8, "stride": 2, "image": _IMAGE}  # BraVe micro: 8 frames every 2
+BROAD = {"frames": 16, "stride": 3, "image": {**_IMAGE, "size": 24}, "random_conv_p": 1.0}  # 16 every 3
+
+
+def _brave(*modalities: str) -> nn.Module:
+    """BraVe with one broad view (and its backbone) per modality."""
+    views = {"narrow": NARROW, "broad": [{"view": BROAD, "modality": mod} for mod in modalities]}
+    return _method("brave", views=views, broad_backbones=[TINY_BACKBONE] * len(modalities))
 
 
 @pytest.mark.parametrize("modalities", [["rgb"], ["rgb", "diff"]])
 def test_brave_step_is_the_official_loss_over_all_directions(modalities):
     """Loss and every parameter's gradient (both backbones, the shared heads) equal the
     official loss on the same views; with two broad views the mean runs over four terms."""
-    m = _method("brave", broad=[{**BROAD, "modality": mod} for mod in modalities])
+    m = _brave(*modalities)
     batch = _batch(3)
     params = [p for p in m.parameters() if p.requires_grad]
     views = m.make_views(batch, torch.Generator().manual_seed(4))
@@ -212,7 +223,7 @@ def test_brave_step_is_the_official_loss_over_all_directions(modalities):
 
 def test_brave_with_the_broad_view_replaced_by_the_narrow_one_differs():
     """Mechanism off: the broad backbone fed the narrow clip gives another loss."""
-    m, batch = _method("brave", broad=[BROAD]), _batch(3)
+    m, batch = _brave("rgb"), _batch(3)
     out = m.training_step(batch, 0, torch.Generator().manual_seed(5))
     narrow, _ = m.make_views(batch, torch.Generator().manual_seed(5))
     m.make_views = lambda b, g: [narrow, narrow]  # type: ignore[method-assign]

@@ -11,9 +11,11 @@ narrow clip starts).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
-from torch import nn
 
 from cropbench.config import from_dict
 from cropbench.data.images import IMAGENET_MEAN, IMAGENET_STD
@@ -23,9 +25,9 @@ from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.cyborgs import MaskedViews
 from cropbench.methods.paramcrop import CubeConfig, CubeViews
 from cropbench.methods.regioncl import RegionSwapViews
-from cropbench.recipe import Recipe
+from cropbench.recipe import SCALES, Recipe, list_entries, load_entry
 from cropbench.registry import BACKBONES, METHODS
-from cropbench.runner import build_method, resolved_config
+from cropbench.runner import build_method, method_from_params, resolved_config
 from cropbench.types import ImageBatch, VideoBatch
 from cropbench.views.generators import (
     VIEW_GENERATORS,
@@ -236,7 +238,7 @@ def test_a_recipe_that_names_a_generator_gets_it_and_records_it() -> None:
     assert config["views"]["generator"] == "asymmetric_pair" and config["views"]["views"]["size"] == 16
     assert config["temperature"] == 0.1  # the method's own Config, defaults filled in
     plain = from_dict(Recipe, {**TINY, "params": {**TINY["params"], "views": {"size": 16}}})
-    assert isinstance(build_method(plain, MethodContext()).views, PairViews)  # the method's default
+    assert isinstance(build_method(plain, MethodContext()).views, PairViews)  # the method's default_views
     bad = from_dict(Recipe, {**TINY, "params": {**TINY["params"], "views": {"generator": "nope"}}})
     with pytest.raises(ConfigError, match=r"t.yaml: params.views.generator: unknown view generator 'nope'"):
         build_method(bad, MethodContext(), "t.yaml")
@@ -276,12 +278,103 @@ def test_no_method_overrides_view_making_and_none_has_a_mixin() -> None:
             assert issubclass(k, SSLMethod), f"{name}: {k.__name__} is a mixin"
 
 
-def test_every_registered_method_builds_its_default_generator() -> None:
+BRAVE_TINY = {  # BraVe's generator has no default broad view: one, with its backbone
+    "views": {"broad": [{"view": {"frames": 4, "stride": 2, "image": {"size": 16}}}]},
+    "broad_backbones": [{"backbone_args": {"widths": [8, 8, 16, 16]}}],
+}
+
+
+def test_every_registered_method_builds_with_its_default_generator_name() -> None:
+    """A recipe whose ``params.views`` names no generator gets the method's ``default_views``."""
     for name in METHODS.names():
         cls = METHODS.get(name)
         video = cls.modality == "video"
         backbone = BACKBONES.get("r3d_micro" if video else "resnet_micro")(widths=(8, 8, 16, 16))
-        params = {"broad": [{"backbone_args": {"widths": [8, 8, 16, 16]}}]} if name == "brave" else {}
+        params = BRAVE_TINY if name == "brave" else {}
         params |= {"drop": 2} if name == "videomoco" else {}  # its default drops 8 of 32 frames
-        m = cls(from_dict(cls.Config, params), backbone, MethodContext())
-        assert isinstance(m.views, nn.Module) and m.views.modality == cls.modality, name
+        m = method_from_params(name, params, backbone, MethodContext())
+        assert m.views is VIEW_GENERATORS.get(cls.default_views) or isinstance(
+            m.views, VIEW_GENERATORS.get(cls.default_views)
+        ), name
+        assert m.views.modality == cls.modality, name
+
+
+VIEW_FIELDS = {"views", "blur_p", "solarize_p", "region", "narrow", "broad", "cells", "same_clip", "clip"}
+
+
+def _view_fields(cfg_cls: type, seen: frozenset[type] = frozenset()) -> set[str]:
+    """Field names of a Config, and of the dataclasses it nests, that are view settings."""
+    found = set()
+    for name, hint in typing.get_type_hints(cfg_cls).items():
+        if name in VIEW_FIELDS:
+            found.add(name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and hint not in seen:
+            found |= {f"{name}.{n}" for n in _view_fields(hint, seen | {cfg_cls})}
+    return found
+
+
+def test_no_method_config_holds_view_settings() -> None:
+    """Views are the generator's (``params.views``): no method Config field (nested ones included)
+    is a view setting, and a method's view helper like ``ViewConfig`` appears in none."""
+    held = {n: _view_fields(METHODS.get(n).Config) for n in METHODS.names()}
+    assert {n: f for n, f in held.items() if f} == {}
+    for name in METHODS.names():
+        hints = typing.get_type_hints(METHODS.get(name).Config)
+        assert not any("ViewConfig" in repr(h) for h in hints.values()), name
+    # the check can fail: a Config with a views field is caught
+    Bad = dataclasses.make_dataclass("Bad", [("views", ViewConfig, dataclasses.field(default_factory=ViewConfig))])
+    assert _view_fields(Bad) == {"views", "views.blur_p", "views.solarize_p"}
+
+
+def test_every_entry_names_its_generator_in_every_recipe() -> None:
+    for entry_name in list_entries():
+        entry = load_entry(entry_name)
+        for variant in entry.variant_names():
+            for scale in SCALES:
+                recipe = entry.recipe(variant, scale)
+                views = recipe.params.get("views", {})
+                where = f"{entry_name}/{variant}/{scale}"
+                assert isinstance(views, dict) and views.get("generator") in VIEW_GENERATORS, where
+                gen = VIEW_GENERATORS.get(views["generator"])
+                assert gen.modality == METHODS.get(recipe.method).modality, where
+
+
+def test_a_learned_generator_draws_its_weights_after_the_method() -> None:
+    """``build_method`` builds the generator first (the method may read it) but the cube's weights
+    are drawn after the method's heads: the same as building the cube after the method."""
+    views = {"generator": "paramcrop_cube", "clip": {"image": {"size": 16}}}
+    recipe = from_dict(
+        Recipe,
+        {"method": "vsimclr", "backbone": "r3d_micro", "backbone_args": {"widths": [8, 8, 16, 16]},
+         "params": {"hidden_dim": 16, "out_dim": 8, "views": views}},
+    )  # fmt: skip
+    built = build_method(recipe, MethodContext())
+    torch.manual_seed(recipe.train.seed)
+    backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 16, 16))
+    cls = METHODS.get("vsimclr")
+    ref = cls(
+        from_dict(cls.Config, {"hidden_dim": 16, "out_dim": 8}), backbone, MethodContext(), ClipViews(ClipConfig())
+    )
+    cube = CubeViews(from_dict(CubeConfig, {"clip": {"image": {"size": 16}}}))  # drawn after the heads
+    assert torch.equal(next(built.projector.parameters()), next(ref.projector.parameters()))
+    for a, b in zip(built.views.parameters(), cube.parameters(), strict=True):
+        assert torch.equal(a, b)
+    early = CubeViews(from_dict(CubeConfig, {"clip": {"image": {"size": 16}}}))  # drawn later: differs
+    assert not torch.equal(next(early.parameters()), next(cube.parameters()))
+
+
+def test_a_method_that_reads_its_generator_rejects_a_wrong_one_naming_the_field() -> None:
+    """BraVe sizes its broad backbones from the generator, VideoMoCo its frame scorer."""
+    backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 16, 16))
+    two = {**BRAVE_TINY, "broad_backbones": BRAVE_TINY["broad_backbones"] * 2}
+    with pytest.raises(ConfigError, match=r"params.broad_backbones: one per broad view, got 2 for 1 views"):
+        method_from_params("brave", two, backbone, MethodContext())
+    with pytest.raises(ConfigError, match=r"params.views: BraVe needs the narrow_broad generator, got ClipViews"):
+        method_from_params("brave", {**BRAVE_TINY, "views": {"generator": "clip_pair"}}, backbone, MethodContext())
+    clip = {"generator": "clip_pair", "clip": {"frames": 4}}
+    with pytest.raises(ValueError, match=r"params.drop: expected 1..3 frames \(params.views.clip.frames\), got 4"):
+        method_from_params("videomoco", {"views": clip, "drop": 4}, backbone, MethodContext())
+    broad = {**BRAVE_TINY["views"], "generator": "narrow_broad"}
+    with pytest.raises(ConfigError, match=r"params.views: VideoMoCo needs a clip generator \(clip_pair\)"):
+        method_from_params("videomoco", {"views": broad, "drop": 2}, backbone, MethodContext())
+    assert method_from_params("videomoco", {"views": clip, "drop": 3}, backbone, MethodContext()).generator.frames == 4

@@ -33,7 +33,7 @@ TINY = {
     "data": {"image_size": 32, "limit": 48},
     "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2, "log_every": 1, "seed": 3},
     "optim": {"lr": 0.1, "base_batch": 16, "warmup_epochs": 0.5},
-    "params": {"views": {"size": 16}, "hidden_dim": 32, "out_dim": 16, "base_momentum": 0.9},
+    "params": {"views": {"views": {"size": 16}}, "hidden_dim": 32, "out_dim": 16, "base_momentum": 0.9},
 }
 
 

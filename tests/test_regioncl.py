@@ -138,7 +138,7 @@ def _naive_pool(c5: torch.Tensor, box_cells: list[int]) -> tuple[torch.Tensor, t
 
 
 def test_composite_view_swaps_the_region_with_the_partner_and_records_provenance():
-    m, batch = tiny_method("regioncl_m", region={"cells": [1, 3]}), tiny_batch(n=4)
+    m, batch = tiny_method("regioncl_m", cells=[1, 3]), tiny_batch(n=4)
     v_q, v_k, mix = m.make_views(batch, torch.Generator().manual_seed(1))
     x0, y0, x1, y1 = mix.prov.extra["region_box"][0].tolist()
     assert all(v % 8 == 0 for v in (x0, y0, x1, y1))  # grid-aligned: resnet_micro stride 8
@@ -157,7 +157,7 @@ def test_composite_view_swaps_the_region_with_the_partner_and_records_provenance
 @pytest.mark.parametrize("n", [4, 5])
 @torch.no_grad()
 def test_regioncl_m_step_is_instance_plus_region_infonce(n):
-    m, batch = tiny_method("regioncl_m", region={"cells": [1, 3]}), tiny_batch(n=n)
+    m, batch = tiny_method("regioncl_m", cells=[1, 3]), tiny_batch(n=n)
     v_q, v_k, mix = m.make_views(batch, torch.Generator().manual_seed(2))
     tau, queue = m.cfg.temperature, m.queue.keys.clone()
     q = F.normalize(m.projector(m.backbone(v_q.tensor)), dim=1)
@@ -176,7 +176,7 @@ def test_regioncl_m_step_is_instance_plus_region_infonce(n):
 
 @torch.no_grad()
 def test_regioncl_s_step_is_simsiam_plus_region_regression():
-    m = tiny_method("regioncl_s", dim=16, pred_dim=8, region={"cells": [1, 3]})
+    m = tiny_method("regioncl_s", dim=16, pred_dim=8, cells=[1, 3])
     batch = tiny_batch(n=4)
     v1, v2, mix = m.make_views(batch, torch.Generator().manual_seed(4))
     z1, z2 = m.projector(m.backbone(v1.tensor)), m.projector(m.backbone(v2.tensor))
@@ -195,7 +195,7 @@ def test_regioncl_s_step_is_simsiam_plus_region_regression():
 
 
 def test_regioncl_d_adds_the_region_term_to_densecl():
-    m = tiny_method("regioncl_d", region={"cells": [1, 3]})
+    m = tiny_method("regioncl_d", cells=[1, 3])
     out = m.training_step(tiny_batch(n=4), 0, torch.Generator().manual_seed(6))
     lg = {k: float(v) for k, v in out.logs.items()}
     expected = 0.5 * lg["loss_global"] + 0.5 * lg["loss_dense"] + lg["loss_region"]
@@ -204,6 +204,6 @@ def test_regioncl_d_adds_the_region_term_to_densecl():
 
 
 def test_regioncl_rejects_a_batch_too_small_to_swap():
-    m = tiny_method("regioncl_m", region={"cells": [1, 3]})
+    m = tiny_method("regioncl_m", cells=[1, 3])
     with pytest.raises(ValueError, match="need a batch of >= 2"):
         m.training_step(tiny_batch(n=1), 0, torch.Generator().manual_seed(0))

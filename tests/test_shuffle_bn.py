@@ -34,6 +34,7 @@ from cropbench.methods import mocov2 as mocov2_module
 from cropbench.methods.base import BATCHNORM_MODES, MethodContext
 from cropbench.methods.momentum import shuffle_bn_forward, split_bn_forward
 from cropbench.registry import BACKBONES, METHODS
+from cropbench.runner import build_generator, method_from_params
 from cropbench.trainer import convert_batchnorm
 from cropbench.types import ImageBatch, VideoBatch
 
@@ -143,15 +144,15 @@ def _tiny(name: str, splits: int) -> nn.Module:
     cls = METHODS.get(name)
     params = {"hidden_dim": 16, "out_dim": 8, "queue_size": 32, "shuffle_bn_splits": splits}
     if cls.modality == "image":
-        params |= {"views": {"size": 32, "blur_p": 0.0}}
+        view = {"size": 32, "blur_p": 0.0}
+        params |= {"views": {"views": view, "cells": [1, 2]} if name.startswith("regioncl") else view}
         params |= {"dense_hidden_dim": 16} if "dense_hidden_dim" in cls.Config.__dataclass_fields__ else {}
-        params |= {"region": {"cells": [1, 2]}} if name.startswith("regioncl") else {}
         backbone = BACKBONES.get("resnet_micro")(widths=(8, 8, 8, 16))
     else:
         params |= {"drop": 2, "adversarial_from": 0.0} if name == "videomoco" else {}
         backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 8, 16))
     torch.manual_seed(0)
-    return cls(from_dict(cls.Config, params), backbone, MethodContext(steps_per_epoch=2, epochs=2, batch_size=8))
+    return method_from_params(name, params, backbone, MethodContext(steps_per_epoch=2, epochs=2, batch_size=8))
 
 
 def _batch(modality: str, n: int = 8) -> ImageBatch | VideoBatch:
@@ -215,7 +216,7 @@ def test_too_many_splits_for_the_processes_is_an_error_at_construction() -> None
     cfg = from_dict(cls.Config, {"hidden_dim": 8, "out_dim": 4, "queue_size": 8, "shuffle_bn_splits": 3})
     backbone = BACKBONES.get("resnet_micro")(widths=(8, 8, 8, 16))
     with pytest.raises(ConfigError, match=r"shuffle_bn_splits.*--nproc 2"):
-        cls(cfg, backbone, MethodContext(DistContext(0, 2)))
+        cls(cfg, backbone, MethodContext(DistContext(0, 2)), build_generator("mocov2"))
 
 
 # ------------------------------------------------------------------ the trainer's SyncBN choice
@@ -231,7 +232,9 @@ def test_trainer_uses_syncbn_only_for_methods_whose_official_code_does(capsys: p
 
     def siam() -> nn.Module:
         cls, backbone = METHODS.get("simsiam"), BACKBONES.get("resnet_micro")(widths=(8, 8, 8, 16))
-        return cls(from_dict(cls.Config, {"dim": 16, "pred_dim": 8}), backbone, MethodContext())
+        return cls(
+            from_dict(cls.Config, {"dim": 16, "pred_dim": 8}), backbone, MethodContext(), build_generator("simsiam")
+        )
 
     n_bn = _count(siam(), nn.BatchNorm2d) + _count(siam(), nn.BatchNorm1d)
     assert _count(convert_batchnorm(_tiny("mocov2", 2), cuda, two, True), nn.SyncBatchNorm) == 0  # shuffle-BN

@@ -20,6 +20,7 @@ from cropbench.methods.videomoco import decayed_info_nce, drop_frames
 from cropbench.optim import build_optimizer, named_params, set_lr
 from cropbench.recipe import OptimConfig
 from cropbench.registry import BACKBONES, METHODS
+from cropbench.runner import method_from_params
 from cropbench.types import VideoBatch
 from cropbench.viewplot import draw_epoch_curves
 from cropbench.views.generators import frame_differences
@@ -28,13 +29,24 @@ from cropbench.views.video import cube_iou
 SMALL = {"hidden_dim": 32, "out_dim": 16}
 
 
-def _method(name: str, **params: object) -> torch.nn.Module:
-    cls = METHODS.get(name)
+# BraVe's micro views: narrow 8 frames every 2, broad 16 every 3 with a random conv, both 32 px
+_IMAGE = {"size": 32, "scale": [0.3, 1.0], "ratio": [0.5, 2.0], "jitter_order": "fixed", "blur_p": 0.5}
+NARROW = {"frames": 8, "stride": 2, "image": _IMAGE}
+BROAD = {"frames": 16, "stride": 3, "image": {**_IMAGE, "size": 24}, "random_conv_p": 1.0}
+TINY_BACKBONE = {"backbone_args": {"widths": [8, 8, 16, 16]}}
+DEFAULT_VIEWS = {  # what the tests train on when they name no views (the generator's defaults otherwise)
+    "brave": {"narrow": NARROW, "broad": [{"view": BROAD}]},
+    "videomoco": {"shared_start": True},  # query and key from one clip, as the entry
+}
+
+
+def _method(name: str, views: dict | None = None, **params: object) -> torch.nn.Module:
     torch.manual_seed(0)
     backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 16, 16))
-    extra = {"broad": [{"backbone_args": {"widths": [8, 8, 16, 16]}}]} if name == "brave" else {}
-    cfg = from_dict(cls.Config, {**SMALL, **extra, **params})
-    return cls(cfg, backbone, MethodContext(steps_per_epoch=2, epochs=2, batch_size=4))
+    views = views if views is not None else DEFAULT_VIEWS.get(name, {})
+    extra = {"broad_backbones": [TINY_BACKBONE] * len(views["broad"])} if name == "brave" else {}
+    ctx = MethodContext(steps_per_epoch=2, epochs=2, batch_size=4)
+    return method_from_params(name, {**SMALL, **extra, **params, "views": views}, backbone, ctx)
 
 
 def _paramcrop(framework: str, **cube: object) -> torch.nn.Module:
@@ -286,7 +298,7 @@ def test_brave_loss_is_the_mean_of_both_directions():
 
 
 def test_brave_views_start_together_and_diff_is_a_frame_difference():
-    m = _method("brave", broad=[{"modality": "diff", "backbone_args": {"widths": [8, 8, 16, 16]}}])
+    m = _method("brave", views={"narrow": NARROW, "broad": [{"modality": "diff", "view": BROAD}]})
     batch = _batch()
     narrow, diff = m.make_views(batch, torch.Generator().manual_seed(2))
     t_n, t_b = narrow.prov.extra["time"], diff.prov.extra["time"]

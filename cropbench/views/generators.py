@@ -1,8 +1,9 @@
 """View generators: the object a method receives to turn a batch into its views.
 
 A method is *backbone + view generator + objective* (DESIGN.md). The generator is chosen in the
-recipe (``views: {generator: NAME, ...}``, validated by the generator's ``Config``) or, when the
-recipe names none, is the method's default built from its ``params``. Generators compose (region
+recipe (``params.views: {generator: NAME, ...}``, validated by the generator's ``Config``; every
+entry names one, a recipe that names none gets the method's ``default_views`` name). Methods hold
+no view settings. Generators compose (region
 swap wraps another generator), never inherit through the method: a method calls ``self.views``.
 
     views = method.views(batch, generator)   # list[View], each with its provenance
@@ -50,6 +51,7 @@ class ViewGenerator(nn.Module, abc.ABC):
     """
 
     Config: ClassVar[type]
+    description: ClassVar[str] = ""  # one line for ``cropbench list generators``
     modality: ClassVar[str] = "image"
     epoch_curves: ClassVar[tuple[EpochCurve, ...]] = ()
 
@@ -66,6 +68,16 @@ class ViewGenerator(nn.Module, abc.ABC):
     def span(self) -> int:
         return 0
 
+    @property
+    def grid_size(self) -> int | None:
+        """The view side that must lie on the backbone's output grid (region swap), else None."""
+        return None
+
+    def reset_parameters(self) -> None:
+        """(Re)draw the learned weights from the global RNG (none by default). ``build_method``
+        builds the generator before the method and calls this after it: a learned generator's
+        weights are drawn after the method's heads (the order the goldens pin)."""
+
     def epoch_logs(self, dist: DistContext) -> dict[str, float]:
         """Scalars of the epoch that just ended, reset for the next (none by default)."""
         return {}
@@ -80,6 +92,7 @@ class PairViews(ViewGenerator):
     SimSiam, DenseCL, HoughCL: two; the supervised control: one, registered as ``single``)."""
 
     Config = ViewConfig
+    description = "two views of each image under one ViewConfig (SimCLR, MoCo v2, SimSiam, DenseCL, HoughCL)"
     count: int = 2
 
     def __init__(self, cfg: ViewConfig, count: int | None = None):
@@ -95,6 +108,7 @@ class PairViews(ViewGenerator):
 class SingleView(PairViews):
     """One view per image (the supervised positive control: one augmented view + its label)."""
 
+    description = "one view of each image (the supervised control: one augmented view + its label)"
     count = 1
 
 
@@ -112,6 +126,7 @@ class AsymmetricPair(ViewGenerator):
     """One view per (blur_p, solarize_p) pair, each the shared ``ViewConfig`` with those two set."""
 
     Config = AsymmetricConfig
+    description = "BYOL's two views: a shared ViewConfig with per-view blur / solarize probabilities"
 
     def __init__(self, cfg: AsymmetricConfig):
         super().__init__()
@@ -147,6 +162,7 @@ class ClipViews(ViewGenerator):
 
     Config = ClipConfig
     modality = "video"
+    description = "two clips of each video (time window, crop, colour; per-clip overrides, optional shared start)"
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
@@ -162,6 +178,11 @@ class ClipViews(ViewGenerator):
     @property
     def span(self) -> int:
         return max(vc.span for vc in self.configs)
+
+    @property
+    def frames(self) -> int:
+        """Frames of each clip (all clips share ``clip.frames``)."""
+        return self.cfg.clip.frames
 
     def forward(self, batch: VideoBatch, generator: torch.Generator) -> list[View]:
         starts = None
@@ -196,6 +217,7 @@ class NarrowBroad(ViewGenerator):
 
     Config = NarrowBroadConfig
     modality = "video"
+    description = "BraVe: a narrow clip and broad clips (RGB or frame differences) starting at one frame"
 
     def __init__(self, cfg: NarrowBroadConfig):
         super().__init__()
