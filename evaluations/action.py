@@ -35,14 +35,13 @@ from torch.nn import functional as F
 
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.video import VideoClips, Window, clip_batches, with_window
-from cropbench.dist import DistContext, all_reduce_grads
+from cropbench.dist import DistContext, all_reduce_grads, barrier
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
 from cropbench.evaluations.features import weights_hash
 from cropbench.evaluations.parallel import (
     ShardDropout,
     all_agree,
-    barrier,
     batch_sizes,
     convert_sync_batchnorm,
     gather_batches,

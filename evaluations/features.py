@@ -31,9 +31,10 @@ from torchvision.transforms import functional as TF
 
 from cropbench.data import build_dataset, dataset_folder
 from cropbench.data.images import collate_images, normalize
+from cropbench.dist import barrier
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData
-from cropbench.evaluations.parallel import all_agree, barrier, batch_sizes, gather_batches, shard_batches
+from cropbench.evaluations.parallel import all_agree, batch_sizes, gather_batches, shard_batches
 from cropbench.io import save_torch_atomic
 
 # The frozen-feature protocols' named data settings (``knn`` and ``linear`` presets): ImageNet at

@@ -82,11 +82,6 @@ def all_agree(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 def keyed_generator(seed: int, *key: int) -> torch.Generator:
     """A CPU generator seeded by (seed, key...), e.g. (seed, stream position): the same draws for a
     sample whichever rank, batch or world size it lands in."""
@@ -232,7 +227,6 @@ class ShardDropout2d(nn.Dropout2d):
 __all__ = [
     "GlooSyncBatchNorm",
     "all_agree",
-    "barrier",
     "batch_sizes",
     "owns",
     "convert_sync_batchnorm",

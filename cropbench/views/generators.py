@@ -121,6 +121,15 @@ class AsymmetricConfig:
     solarize_p: tuple[float, ...] = (0.0, 0.2)  # BYOL Table 6: only view 2 solarised
 
 
+def photometric_pairs(blur_p: tuple[float, ...], solarize_p: tuple[float, ...], unit: str) -> list[tuple[float, float]]:
+    """(blur_p, solarize_p) per view (or clip); the two lists must have one value per ``unit``."""
+    if len(blur_p) != len(solarize_p):
+        raise ConfigError(
+            f"views.blur_p and views.solarize_p: one value per {unit}, got {len(blur_p)} and {len(solarize_p)}"
+        )
+    return list(zip(blur_p, solarize_p, strict=True))
+
+
 @VIEW_GENERATORS.register("asymmetric_pair")
 class AsymmetricPair(ViewGenerator):
     """One view per (blur_p, solarize_p) pair, each the shared ``ViewConfig`` with those two set."""
@@ -130,11 +139,8 @@ class AsymmetricPair(ViewGenerator):
 
     def __init__(self, cfg: AsymmetricConfig):
         super().__init__()
-        if len(cfg.blur_p) != len(cfg.solarize_p):
-            n_blur, n_sol = len(cfg.blur_p), len(cfg.solarize_p)
-            raise ConfigError(f"views.blur_p and views.solarize_p: one value per view, got {n_blur} and {n_sol}")
         self.cfg = cfg
-        pairs = zip(cfg.blur_p, cfg.solarize_p, strict=True)
+        pairs = photometric_pairs(cfg.blur_p, cfg.solarize_p, "view")
         self.configs = [replace(cfg.views, blur_p=b, solarize_p=s) for b, s in pairs]
 
     def forward(self, batch: ImageBatch, generator: torch.Generator) -> list[View]:
@@ -166,12 +172,9 @@ class ClipViews(ViewGenerator):
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
-        if len(cfg.blur_p) != len(cfg.solarize_p):
-            n_blur, n_sol = len(cfg.blur_p), len(cfg.solarize_p)
-            raise ConfigError(f"views.blur_p and views.solarize_p: one value per clip, got {n_blur} and {n_sol}")
         self.cfg = cfg
         image = cfg.clip.image
-        pairs = zip(cfg.blur_p, cfg.solarize_p, strict=True)
+        pairs = photometric_pairs(cfg.blur_p, cfg.solarize_p, "clip")
         per_view = [replace(cfg.clip, image=replace(image, blur_p=b, solarize_p=s)) for b, s in pairs]
         self.configs = per_view or [cfg.clip] * cfg.count
 
