@@ -79,11 +79,19 @@ def group_of(rec: Record) -> Group:
     return Group(rec.scale, rec.eval, protocol_hash(rec), weights_label(rec), mods)
 
 
-def t975(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+def t_quantile(p: float, df: float) -> float:
+    """Quantile ``p`` of Student's t with ``df`` degrees of freedom (``math.inf``: the normal's).
+    scipy comes with scikit-learn, a dependency."""
     from scipy.stats import t
 
-    return float(t.ppf(0.975, df))
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t quantile: need 0 < p < 1 and df > 0, got p={p!r}, df={df!r}")
+    return float(t.ppf(p, df))
+
+
+def t975(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    return t_quantile(0.975, df)
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,11 @@ class Estimate:
             return cls(values[0], None, 1)
         return cls(statistics.fmean(values), t975(n - 1) * statistics.stdev(values) / math.sqrt(n), n)
 
-    def text(self) -> str:
-        ci = "" if self.half is None else f" ± {self.half:.2f}"
-        return f"{self.mean:.2f}{ci} (n={self.n})"
+    def text(self, bare_single: bool = False) -> str:
+        """``mean ± half (n=N)``; one seed: ``mean (n=1)``, or the plain ``mean`` if ``bare_single``."""
+        if self.half is None:
+            return f"{self.mean:.2f}" if bare_single else f"{self.mean:.2f} (n={self.n})"
+        return f"{self.mean:.2f} ± {self.half:.2f} (n={self.n})"
 
 
 Cells = dict[tuple[str, str, str], dict[Group, dict[str, list[float]]]]  # (entry, variant, eval)
@@ -234,4 +244,4 @@ def reproduction_tables(
     return out
 
 
-__all__ = ["Estimate", "Group", "group_of", "reproduction_tables", "t975", "NOT_RUN"]
+__all__ = ["Estimate", "Group", "group_of", "reproduction_tables", "t975", "t_quantile", "NOT_RUN"]

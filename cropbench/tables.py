@@ -1,10 +1,12 @@
 """Tables generated from records only (never edited by hand): the leaderboard and the per-run table.
 
 ``leaderboard`` prints one table per (scale, modality) group: rows are entry/variant, columns are
-evaluation/metric as mean ± sample std over seeds (plain mean with one seed), plus pretraining
-throughput and the number of seeds. Rows whose recipe has ``deviations`` carry a ``[n]`` marker and
-a footnote listing them; rows of *modified* records (run with ``--set`` overrides, so not the entry's
-recipe) are labelled ``(modified)`` and their footnote lists the overrides first. The output is a
+evaluation/metric as ``mean ± h (n=N)`` over N seeds, h the half-width of the 95 % t-interval of the
+mean (``cropbench.reproduction.Estimate``, as the reproduction view; the plain value with one seed),
+plus pretraining throughput and the number of seeds; a legend under each table says so. Rows
+whose recipe has ``deviations`` carry a ``[n]`` marker and a footnote listing them; rows of
+*modified* records (run with ``--set`` overrides, so not the entry's recipe) are labelled
+``(modified)`` and their footnote lists the overrides first. The output is a
 pure function of the records (sorted, fixed formats, no timestamps), so regenerating it gives
 identical bytes. ``leaderboard(..., view=...)`` adds the reproduction view (``cropbench.reproduction``:
 paper vs ours per entry, and the claims), after the results by default.
@@ -42,8 +44,13 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
 
 
 def _cell(values: list[float]) -> str:
-    mean, std = _stat(values)
-    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+    """``mean ± h (n=N)``, h the 95 % t-interval half-width over the N seeds; one seed: the value."""
+    from cropbench.reproduction import Estimate
+
+    return Estimate.of(values).text(bare_single=True)
+
+
+LEGEND = "cells: mean ± 95 % t-interval half-width over seeds (n = seeds); a plain value is one seed"
 
 
 def _eval_info(name: str) -> tuple[str, tuple[str, ...]]:
@@ -192,7 +199,8 @@ def _table(scale: str, group: str, records: list[Record]) -> _Table:
         body.append([label, *cells, tput, str(len(r.seeds))])
     headers = ["entry/variant", *(f"{e}/{m}" for e, m in cols), "img/s", "seeds"]
     rules = [f"{e}/{m}: {SELECTION_RULES[(e, m)]}" for e, m in cols if (e, m) in SELECTION_RULES]
-    return _Table(f"{scale} · {group}", headers, body, (["selection: " + "; ".join(rules)] if rules else []) + notes)
+    selection = ["selection: " + "; ".join(rules)] if rules else []
+    return _Table(f"{scale} · {group}", headers, body, [LEGEND, *selection, *notes])
 
 
 _LATEX = {
@@ -227,8 +235,20 @@ def _render(t: _Table, fmt: str) -> str:
     return f"<h2>{html.escape(t.title)}</h2>\n{table}\n" + (f'<ul class="deviations">\n{notes}</ul>\n' if notes else "")
 
 
+def _csv_cells(values: list[float] | None) -> list[str]:
+    """mean, 95 % t-interval half-width, n, sample std of one cell ('' where there is none)."""
+    from cropbench.reproduction import Estimate
+
+    if not values:
+        return ["", "", "", ""]
+    est, (_, std) = Estimate.of(values), _stat(values)
+    num = lambda v: "" if v is None else f"{v:.4f}"
+    return [num(est.mean), num(est.half), str(est.n), num(std)]
+
+
 def _csv(records: list[Record]) -> str:
-    """One wide CSV: scale, group, entry, variant, then mean and std per eval/metric."""
+    """One wide CSV: scale, group, entry, variant, then per eval/metric the mean over seeds, the
+    95 % t-interval half-width (empty with one seed), the number of seeds and the sample std."""
     groups = _groups(records)
     cols = sorted({c for recs in groups.values() for r in _rows(recs) for c in r.values})
     out = io.StringIO()
@@ -239,7 +259,7 @@ def _csv(records: list[Record]) -> str:
             "group",
             "entry",
             "variant",
-            *(f"{e}/{m}{s}" for e, m in cols for s in ("", ":std")),
+            *(f"{e}/{m}{s}" for e, m in cols for s in ("", ":ci95", ":n", ":std")),
             "images_per_s",
             "seeds",
             "deviations",
@@ -250,8 +270,7 @@ def _csv(records: list[Record]) -> str:
     )
     for (scale, group), recs in groups.items():
         for r in _rows(recs):
-            stats = [_stat(r.values[c]) if c in r.values else (None, None) for c in cols]
-            vals = [("" if v is None else f"{v:.4f}") for mean, std in stats for v in (mean, std)]
+            vals = [v for c in cols for v in _csv_cells(r.values.get(c))]
             tput = f"{statistics.fmean(r.throughput.values()):.1f}" if r.throughput else ""
             devs = "; ".join(f"{k}: {v}" for k, v in sorted(r.deviations.items()))
             mods = "; ".join(f"{k}={v}" for k, v in sorted(r.overrides.items()))

@@ -116,10 +116,10 @@ def test_missing_record_is_not_run_information_unless_required(roots: tuple[Path
     records, golden, entries = roots
     write_record(records, rec())
     report = check(records, golden, entries)
-    assert report.passed and report.checked == 4 and report.not_run == ["micro/simclr/default/linear/seed0"]
-    assert "not run (1 goldens" in report.table() and "  micro/simclr/default/linear/seed0\n" in report.table()
+    assert report.passed and report.checked == 4 and report.not_run == ["micro/simclr/default/linear"]
+    assert "not run (1 golden jobs" in report.table() and "  micro/simclr/default/linear (n=1)\n" in report.table()
     strict = check(records, golden, entries, require_all=True)
-    assert strict.misses == [Miss("micro/simclr/default/linear/seed0", "*", None, None, None, "not run")]
+    assert strict.misses == [Miss("micro/simclr/default/linear", "*", None, None, None, "not run")]
     assert check(records, golden, entries, scale="small").checked == 0  # no goldens at that scale
 
 
@@ -186,15 +186,16 @@ def test_table_lists_every_miss_deterministically(roots: tuple[Path, Path, Path]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in a.splitlines() if ln.startswith("|")]
     assert rows[0] == ["key", "metric", "expected", "got", "tolerance", "status", "reason"]
     assert rows[2:] == [
-        ["micro/simclr/default/knn/seed0", "pretrain.loss_first", "5", "5", "0.0005", "ok", "golden: off by +0"],
-        ["micro/simclr/default/knn/seed0", "pretrain.loss_last", "2", "2", "0.06", "ok", "golden: off by +0"],
-        ["micro/simclr/default/knn/seed0", "top1", "60", "55", "3", "MISS", "golden: off by -5"],
-        ["micro/simclr/default/knn/seed0", "top5", "90", "90", "10", "ok", "golden: off by +0"],
+        ["micro/simclr/default/knn/seed0", "pretrain.loss_first", "5 (n=1)", "5", "0.0005", "ok", "golden: off by +0"],
+        ["micro/simclr/default/knn/seed0", "pretrain.loss_last", "2 (n=1)", "2", "0.06", "ok", "golden: off by +0"],
+        ["micro/simclr/default/knn/seed0", "top1", "60 (n=1)", "55", "3", "MISS", "golden: off by -5"],
+        ["micro/simclr/default/knn/seed0", "top5", "90 (n=1)", "90", "10", "ok", "golden: off by +0"],
     ]
+    assert "golden jobs: 2 (n=1: 2)\n" in a  # the seed count of the golden jobs
     assert a.splitlines()[-1] == "check FAILED: 4 comparisons, 1 misses, 1 not run"
     b = check(records, golden, entries, require_all=True).table()
     b_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in b.splitlines() if ln.startswith("|")]
-    assert ["micro/simclr/default/linear/seed0", "*", "–", "–", "–", "MISS", "not run"] in b_rows
+    assert ["micro/simclr/default/linear", "*", "–", "–", "–", "MISS", "not run"] in b_rows
     assert b.splitlines()[-1] == "check FAILED: 5 comparisons, 2 misses, 1 not run"
 
 
@@ -210,13 +211,16 @@ def test_tolerance_file_is_validated(tmp_path: Path) -> None:
         load_tolerances(bad)
 
 
-def test_golden_key_must_match_exactly(roots: tuple[Path, Path, Path]) -> None:
+def test_one_seed_golden_meets_only_its_own_seed(roots: tuple[Path, Path, Path]) -> None:
+    """A golden of one seed is a re-run check (fixed tolerances): another seed has nothing to be
+    compared with, so its job is not run, and the record is listed as not compared."""
     records, golden, entries = roots
     write_record(records, replace(rec(), seed=1))
     write_record(records, rec(ev="linear", top1=70.0))
-    assert [m.key for m in check(records, golden, entries, require_all=True).misses] == [
-        "micro/simclr/default/knn/seed0"
-    ]
+    report = check(records, golden, entries, require_all=True)
+    assert [m.key for m in report.misses] == ["micro/simclr/default/knn"]
+    assert report.unmatched == ["micro/simclr/default/knn/seed1 (golden: seed 0 only)"]
+    assert "not compared (1 records of a one-seed golden job, another seed):\n" in report.table()
 
 
 def test_modified_records_meet_no_reference_claim_or_other_golden(roots: tuple[Path, Path, Path]) -> None:

@@ -43,15 +43,15 @@ def test_check_after_the_readme_command_passes_and_shows_its_comparisons(tmp_pat
     the other goldens as not run (information) and exits 0; CI's --require-all makes them misses."""
     for variant in ("default", "default+random_init"):
         shutil.copytree(GOLDEN / "micro" / "simclr" / variant, tmp_path / "micro" / "simclr" / variant)
-    n_goldens = len(list((GOLDEN / "micro").glob("*/*/*/seed*.json")))
+    n_goldens = len({p.parent for p in (GOLDEN / "micro").glob("*/*/*/seed*.json")})  # golden jobs
     code, out = invoke("check", "--records", str(tmp_path))
     assert code == 0, out
     rows = [ln for ln in out.splitlines() if ln.startswith("| micro/simclr/")]
     # each golden metric of the 4 records, + the checked pretraining losses (random init has none)
     n = expected_comparisons(tmp_path)
     assert n >= 12 and len(rows) == n and all("| ok " in r for r in rows)
-    assert f"not run ({n_goldens - 4} goldens without a fresh record; --require-all makes them misses)" in out
-    assert "  micro/mocov2/default/knn/seed0\n" in out
+    assert f"not run ({n_goldens - 4} golden jobs without a fresh record; --require-all makes them misses)" in out
+    assert "  micro/mocov2/default/knn (n=" in out  # one line per job, with its number of golden seeds
     assert out.splitlines()[-1] == f"check passed: {n} comparisons, 0 misses, {n_goldens - 4} not run"
     code, out = invoke("check", "--records", str(tmp_path), "--require-all")
     assert code == 1 and out.splitlines()[-1].startswith(f"check FAILED: {n + n_goldens - 4} comparisons")

@@ -174,10 +174,11 @@ def test_leaderboard_md_numbers_marker_and_footnote() -> None:
     row = next(line for line in md.splitlines() if line.startswith("| simclr/default "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # columns: entry/variant, knn/top1, knn/top5, linear/top1, linear/top5, img/s, seeds
+    # two seeds: mean ± t(0.975, 1) * s / sqrt(2) (n=2): top1 [60, 62], s = 1.414 -> 12.71; top5 [90, 91] -> 6.35
     assert cells == [
         "simclr/default",
-        "61.00 ± 1.41",
-        "90.50 ± 0.71",
+        "61.00 ± 12.71 (n=2)",
+        "90.50 ± 6.35 (n=2)",
         "65.00",
         "95.00",
         "105.0",
@@ -191,6 +192,8 @@ def test_leaderboard_md_numbers_marker_and_footnote() -> None:
         "optim.lr: x_y & z; train.epochs: 3, not 200 (CPU)\n" in md
     )
     assert "[3]" not in md
+    legend = "- cells: mean ± 95 % t-interval half-width over seeds (n = seeds); a plain value is one seed\n"
+    assert md.count(legend) == 2  # under each table (micro, small)
 
 
 def test_leaderboard_is_byte_identical_and_order_independent(tmp_path: Path) -> None:
@@ -207,15 +210,22 @@ def test_leaderboard_is_byte_identical_and_order_independent(tmp_path: Path) -> 
 def test_leaderboard_other_formats() -> None:
     rows = list(csv.DictReader(io.StringIO(leaderboard(_records(), "csv"))))
     simclr = next(r for r in rows if r["entry"] == "simclr" and r["variant"] == "default" and r["scale"] == "micro")
-    assert (simclr["knn/top1"], simclr["knn/top1:std"], simclr["seeds"]) == (
+    assert (simclr["knn/top1"], simclr["knn/top1:ci95"], simclr["knn/top1:n"], simclr["knn/top1:std"]) == (
         "61.0000",
+        "12.7062",
+        "2",
         "1.4142",
+    )
+    assert (simclr["linear/top1"], simclr["linear/top1:ci95"], simclr["linear/top1:n"], simclr["seeds"]) == (
+        "65.0000",
+        "",
+        "1",
         "2",
     )
     latex = leaderboard(_records(), "latex")
     assert r"regioncl/regioncl\_m [2]" in latex and r"x\_y \& z" in latex and r"\toprule" in latex
     html = leaderboard(_records(), "html")
-    assert "<td>61.00 ± 1.41" in html and "x_y &amp; z" in html
+    assert "<td>61.00 ± 12.71 (n=2)" in html and "x_y &amp; z" in html
     with pytest.raises(CropbenchError, match="'xlsx' is not one of md, csv, latex, html"):
         leaderboard(_records(), "xlsx")
 
@@ -296,7 +306,7 @@ def test_results_rows_never_mix_protocols_weights_or_overrides() -> None:
     md = leaderboard([*base, other, ext, mod], "md", "results")
     rows = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in md.splitlines() if ln.startswith("| simclr")}
     assert rows == {
-        "simclr/default [1]": "61.00 ± 1.41",
+        "simclr/default [1]": "61.00 ± 12.71 (n=2)",
         "simclr/default (protocol 2) [2]": "40.00",
         "simclr/default (modified) [3]": "10.00",
         "simclr/default (external:released.pth@abcdef01)": "70.00",
