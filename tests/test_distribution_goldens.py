@@ -318,11 +318,14 @@ def test_regression_job_lines_are_validated(tmp_path: Path, line: str, message: 
 
 
 def test_committed_jobs_parse_in_both_modes(tmp_path: Path) -> None:
-    """Every committed job runs seed 0 alone in CI, and at least 3 seeds when updating."""
+    """Every committed job runs seed 0 alone in CI, and its seeds=N column's seeds (default 3) when updating."""
     ci, update = dry_run(tmp_path, None), dry_run(tmp_path, None, "--update")
     assert ci.returncode == 0 and update.returncode == 0, ci.stderr + update.stderr
     ci_runs, update_runs = run_lines(ci.stdout), run_lines(update.stdout)
     jobs = [ln for ln in (REPO / "results/golden/jobs.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
     assert len(ci_runs) == len(update_runs) == len(jobs) >= 17
     assert all(r.endswith(" --seed 0") and r.count("--seed") == 1 for r in ci_runs)
-    assert all(r.count("--seed") >= 3 for r in update_runs)
+    for job, run in zip(jobs, update_runs, strict=True):
+        n = next((int(c[6:]) for c in job.split() if c.startswith("seeds=")), 3)
+        assert run.count("--seed") == n and run.endswith(" ".join(f"--seed {s}" for s in range(n))), (job, run)
+    assert sum(r.count("--seed") >= 3 for r in update_runs) >= 11  # every image job is a distribution
