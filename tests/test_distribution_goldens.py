@@ -328,4 +328,4 @@ def test_committed_jobs_parse_in_both_modes(tmp_path: Path) -> None:
     for job, run in zip(jobs, update_runs, strict=True):
         n = next((int(c[6:]) for c in job.split() if c.startswith("seeds=")), 3)
         assert run.count("--seed") == n and run.endswith(" ".join(f"--seed {s}" for s in range(n))), (job, run)
-    assert sum(r.count("--seed") >= 3 for r in update_runs) >= 8  # the image baselines and most view entries
+    assert sum(r.count("--seed") >= 3 for r in update_runs) >= 11  # every image job is a distribution
