@@ -23,20 +23,15 @@ from cropbench.errors import ConfigError
 from cropbench.records import Record, write_record
 from cropbench.reproduction import t_quantile
 from cropbench.tables import leaderboard
+from tests.test_checks import TOLERANCES as FIXED_TOLERANCES
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED_TOLERANCES = REPO / "results" / "golden" / "tolerances.yaml"
 
 # alpha 0.05 so that the printed t_{0.975, df} applies; the floors are round numbers to read.
-TOLERANCES = """
-default: {abs: 3.0, why: "test"}
-metrics:
-  top1: {abs: 3.0, why: "test"}
-  top5: {abs: 10.0, why: "test"}
-pretrain:
-  loss_first: {rel: 1.0e-4, why: "test"}
-  loss_last: {rel: 0.03, why: "test"}
-distribution:
+TOLERANCES = (
+    FIXED_TOLERANCES
+    + """distribution:
   alpha: 0.05
   why: "test"
   per_seed: [loss_first]
@@ -47,6 +42,7 @@ distribution:
     pretrain:
       loss_last: {rel: 0.01, why: "test"}
 """
+)
 T975_2 = 4.303  # Student's t, two-sided 95 %, 2 degrees of freedom (NIST/SEMATECH e-Handbook 1.3.6.7.2)
 T995_4 = 4.604  # two-sided 99 %, 4 degrees of freedom (same table)
 
