@@ -1,4 +1,5 @@
-"""Video SimCLR / MoCo / BYOL: the image objectives on two clips of the same video.
+"""Video SimCLR / MoCo / BYOL: the image objectives on two clips of the same video; and the
+supervised positive control on clips (``vsupervised``).
 
 The ρ = 2 setting of Feichtenhofer et al., "A Large-Scale Study on Unsupervised Spatiotemporal
 Representation Learning" (CVPR 2021): each positive pair is two clips taken at different times
@@ -6,6 +7,10 @@ of one video, each with its own spatial crop and colour augmentation (``cropbenc
 Objectives, heads and momentum encoders are the image baselines' (``simclr``, ``mocov2``,
 ``byol``); only the views change. The dataset decodes a ``window`` of frames per video; both
 clips are drawn from it, so ``window`` bounds how far apart in time they can be.
+
+``vsupervised`` is the video analogue of ``supervised`` (the "supervised" rows of the video SSL
+papers' tables: an R3D / R(2+1)D trained with Kinetics-400 labels): cross-entropy of a linear
+classifier on the pooled clip feature, with the training set's action labels.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cropbench.data.video import Window, with_window
 from cropbench.errors import ConfigError
-from cropbench.methods.base import MethodContext
+from cropbench.methods.base import MethodContext, StepOutput
 from cropbench.methods.byol import BYOL
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simclr import SimCLR
+from cropbench.methods.supervised import Supervised, supervised_loss
 from cropbench.registry import METHODS
+from cropbench.types import VideoBatch
 from cropbench.views.generators import ViewGenerator
 
 
@@ -93,3 +101,37 @@ class VideoBYOL(BYOL):
 
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
         return clip_window(dataset, self.cfg.window, self.views)
+
+
+@METHODS.register("vsupervised")
+class VideoSupervised(Supervised):
+    """Supervised pretraining on clips: the positive control of the video evaluations.
+
+    Each clip the generator cuts (micro: one per video, ``clip_pair`` with ``count: 1``) is
+    classified from the backbone's pooled feature; the loss is the mean cross-entropy over the
+    clips, each with its video's label (``supervised_loss``: an unlabelled video, label -1, is an
+    error). It reads only the training split (``data.train_split``: UCF101 split-1 ``trainlist01``
+    at micro), never a test video. BatchNorm: per-process, as ``supervised``.
+    """
+
+    modality = "video"
+    default_views = "clip_pair"
+
+    @dataclass(frozen=True)
+    class Config(Supervised.Config):
+        num_classes: int = 400  # Kinetics-400; micro: the 10 classes of synth_ucf101
+        window: int = 32  # decoded frames per video sample (bounds where a clip can start)
+
+    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        super().__init__(cfg, backbone, ctx, views)
+
+    def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
+        return clip_window(dataset, self.cfg.window, self.views)
+
+    def training_step(self, batch: VideoBatch, step: int, generator: torch.Generator) -> StepOutput:
+        clips = self.make_views(batch, generator)  # K views, each B×3×T×H×W
+        logits = torch.cat([self.classifier(self.backbone(v.tensor)) for v in clips])  # (K·B)×C
+        labels = batch.labels.repeat(len(clips))  # clip k of video b has b's label
+        loss = supervised_loss(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean().item() * 100.0
+        return StepOutput(loss, {"train_top1": acc})

@@ -85,7 +85,7 @@ def _video_encoder() -> torch.nn.Module:
 def _small_ucf101(data_root: Path, root: Path) -> Path:
     """The embedded synth_ucf101 videos with every 6th entry of the split-1 lists (30 train, 15 test)."""
     src = dataset_folder("synth_ucf101", data_root)
-    folder = root / "synth_ucf101"
+    folder = root / src.name  # synth_ucf101-v<generator version>
     (folder / "ucfTrainTestlist").mkdir(parents=True)
     (folder / "UCF-101").symlink_to(src / "UCF-101")
     lists = src / "ucfTrainTestlist"

@@ -20,7 +20,7 @@ from cropbench.evaluations.action import (
     video_accuracy,
 )
 from cropbench.evaluations.base import EvalData
-from cropbench.registry import BACKBONES, EVALUATIONS
+from cropbench.registry import BACKBONES, DATASETS, EVALUATIONS
 
 N_CLASSES = 3
 
@@ -44,7 +44,7 @@ def brightness_root(tmp_path_factory) -> Path:
     """A tiny UCF101-layout dataset in place of ``synth_ucf101``: class k is grey level 40 + 70k
     (plus noise), 3 groups x 2 clips per class, group g is held out by split g."""
     root = tmp_path_factory.mktemp("data")
-    folder = root / "synth_ucf101"
+    folder = root / DATASETS.get("synth_ucf101").folder_name  # synth_ucf101-v<generator version>
     rng = np.random.default_rng(0)
     classes = UCF_CLASSES[:N_CLASSES]
     rows: dict[int, list[tuple[str, int]]] = {}

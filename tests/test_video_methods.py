@@ -46,7 +46,8 @@ def _method(name: str, views: dict | None = None, **params: object) -> torch.nn.
     views = views if views is not None else DEFAULT_VIEWS.get(name, {})
     extra = {"broad_backbones": [TINY_BACKBONE] * len(views["broad"])} if name == "brave" else {}
     ctx = MethodContext(steps_per_epoch=2, epochs=2, batch_size=4)
-    return method_from_params(name, {**SMALL, **extra, **params, "views": views}, backbone, ctx)
+    heads = {"num_classes": 4} if name == "vsupervised" else SMALL  # a classifier, no projector
+    return method_from_params(name, {**heads, **extra, **params, "views": views}, backbone, ctx)
 
 
 def _paramcrop(framework: str, **cube: object) -> torch.nn.Module:
@@ -342,6 +343,7 @@ VIDEO_METHODS = [
     "vbyol",
     "videomoco",
     "brave",
+    "vsupervised",
 ]
 
 
