@@ -122,9 +122,6 @@ class VideoSupervised(Supervised):
         num_classes: int = 400  # Kinetics-400; micro: the 10 classes of synth_ucf101
         window: int = 32  # decoded frames per video sample (bounds where a clip can start)
 
-    def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
-        super().__init__(cfg, backbone, ctx, views)
-
     def prepare_dataset(self, dataset: Any, run_dir: Path) -> Any:
         return clip_window(dataset, self.cfg.window, self.views)
 
