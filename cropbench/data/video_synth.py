@@ -93,9 +93,7 @@ def draw_look(rng: np.random.Generator) -> Look:
     >= 5 px in a 24-px view of all of it. r3d_micro's stem convolves with stride 2, so a finer
     period aliases away in its first layer. The colours and period drawn here are replaced per clip
     (``clip_look``); they are still drawn, so the rest of the look keeps its random stream."""
-    fg, fg2 = _colour(rng), _colour(rng)
-    if np.abs(fg - fg2).sum() < 150:  # keep the texture (and so rotation) visible
-        fg2 = 255.0 - fg
+    fg, fg2 = object_colours(rng)
     shape = int(rng.integers(0, 3))
     period, radius, aspect = rng.uniform(0.22, 0.28), rng.uniform(0.36, 0.4), rng.uniform(1.1, 1.25)
     scene, start, angle = (
@@ -172,7 +170,7 @@ def motion(rng: np.random.Generator, action: int, n: int, size: int, look: Look)
 
 def texture_tile(rng: np.random.Generator, action: int, look: Look, size: int) -> np.ndarray:
     """The object's texture in its own frame: a (2·size)² binary tile of family
-    ``texture_family(action)`` (``synth._texture``) at the group's period, centred on the object;
+    ``texture_family(action)`` (``synth._texture``) at the clip's period, centred on the object;
     ``rng`` draws the clip's phase."""
     tile = 2 * size
     period = (look.period * size / tile,) * 2  # _texture's period is a fraction of its canvas
@@ -246,9 +244,10 @@ def clip_rng(cfg: SynthVideoConfig, dataset: str, action: int, group: int, clip:
 
 
 def group_look(cfg: SynthVideoConfig, dataset: str, group: int) -> Look:
-    """Appearance (object colours, shape, pose, texture period; scene) shared by every clip of
-    one group, whatever its class: UCF101's 'same actor and scene'. The class adds the texture
-    family (``texture_family``) and the motion."""
+    """Appearance (object shape, size, place, orientation; scene) shared by every clip of one
+    group, whatever its class: UCF101's 'same actor and scene'. Each clip redraws the object's
+    colours and texture period (``clip_look``); the class adds the texture family
+    (``texture_family``) and the motion."""
     return draw_look(np.random.default_rng([cfg.seed, {"ucf": 0, "hmdb": 1}[dataset], group, VIDEO_GENERATOR_VERSION]))
 
 
