@@ -34,6 +34,7 @@ from cropbench.data import (
     build_dataset,
     check_dataset_kwargs,
     dataset_folder,
+    dataset_num_classes,
     default_data_root,
     validate_dataset,
 )
@@ -468,15 +469,31 @@ def preflight(
     check_writable(spec.work_dir, "--work-dir")
     recipe = plans[0].recipe
     settings = {name: eval_settings(name, recipe, entry.modality, where) for name in evals}
-    build_method(recipe, method_context(recipe, 10**9, DistContext()), where)
+    method = build_method(recipe, method_context(recipe, 10**9, DistContext()), where)
     check_dataset_kwargs(recipe.data.dataset, train_set_kwargs(recipe), "data.dataset")
     validate_dataset(recipe.data.dataset, data_root, recipe.data.train_split, spec.scale, "data.dataset")
+    check_num_classes(method, recipe, data_root, where)
     for name, s in settings.items():
         check_eval_data(s, data_root, spec.scale, f"eval.{name}.dataset")
     if spec.resume:
         for plan in plans:
             check_resume(spec, plan.recipe, plan.run_dir, log)
     return plans
+
+
+def check_num_classes(method: SSLMethod, recipe: Recipe, data_root: Path, where: str) -> None:
+    """A method with a classifier (``params.num_classes``) must have as many outputs as its
+    training split has classes: fewer would fail at the first batch holding a larger label, more
+    would train silently with classes that never occur."""
+    want = getattr(method.cfg, "num_classes", None)
+    if want is None:
+        return
+    have = dataset_num_classes(recipe.data.dataset, data_root, recipe.data.train_split)
+    if have is not None and have != want:
+        raise ConfigError(
+            f"{where}: params.num_classes is {want}, but {recipe.data.dataset!r} split "
+            f"{recipe.data.train_split!r} (data.dataset) has {have} classes; set params.num_classes: {have}"
+        )
 
 
 LOCK = "run.lock"

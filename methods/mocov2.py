@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from cropbench.errors import ConfigError
 from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import mocov2_projector, simclr_projector
 from cropbench.methods.losses import info_nce
@@ -62,9 +63,15 @@ class MoCoV2(SSLMethod):
         # BatchNorm in the projector (Linear-BN-ReLU-Linear-BN, as SimCLR / MoCo v3), not MoCo v2's
         # plain MLP: off at paper scale; micro turns it on (see the mocov2 entry's deviations)
         projector_bn: bool = False
+        # Symmetric loss (the official CIFAR demo's --symmetric, off by default there and in MoCo v2):
+        # each view is both query and key, loss = L(q1, k2) + L(q2, k1), and both key batches
+        # are enqueued [facebookresearch/moco@f736491 colab/moco_cifar10_demo.ipynb]
+        symmetric: bool = False
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
+        if cfg.symmetric and type(self).training_step is not MoCoV2.training_step:
+            raise ConfigError(f"params.symmetric: {type(self).__name__} has its own training step; only mocov2 has it")
         if cfg.shuffle_bn:
             bn_groups_per_process(cfg.shuffle_bn_splits, ctx.dist.world_size)  # fail early
         head = simclr_projector if cfg.projector_bn else mocov2_projector
@@ -104,6 +111,12 @@ class MoCoV2(SSLMethod):
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v_q, v_k = self.make_views(batch, generator)
+        if self.cfg.symmetric:
+            q1, q2 = self.encode_query(v_q.tensor), self.encode_query(v_k.tensor)
+            k1, k2 = self.encode_key(v_q.tensor, generator), self.encode_key(v_k.tensor, generator)
+            loss = self.instance_loss(q1, k2) + self.instance_loss(q2, k1)  # both against the same queue
+            self.enqueue(torch.cat([k1, k2]))
+            return StepOutput(loss)
         q = self.encode_query(v_q.tensor)  # N×D
         k = self.encode_key(v_k.tensor, generator)  # N×D, no gradient
         loss = self.instance_loss(q, k)

@@ -90,6 +90,39 @@ def test_mocov2_momentum_update_and_enqueue_by_hand() -> None:
     assert "queue.keys" in method.state_dict() and "queue.ptr" in method.state_dict()
 
 
+def test_mocov2_symmetric_loss_against_the_formula_and_both_keys_enqueued() -> None:
+    """``symmetric``: L(q1, k2) + L(q2, k1), each from MoCo eq. 1 as a naive loop over the same
+    queue snapshot; then both key batches (16 keys) are in the queue, k1's first."""
+    from tests.test_losses import naive_info_nce
+
+    method = _method("mocov2", symmetric=True, shuffle_bn=False)  # plain BN: keys a function of the views
+    method.queue.keys.copy_(torch.nn.functional.normalize(torch.randn(40, 16), dim=1))
+    queue = method.queue.keys.clone()
+    v1, v2 = method.make_views(_batch(), torch.Generator().manual_seed(0))  # the step's first draw
+    with torch.no_grad():
+        q1, q2 = method.encode_query(v1.tensor), method.encode_query(v2.tensor)
+        k1, k2 = method.encode_key(v1.tensor, torch.Generator()), method.encode_key(v2.tensor, torch.Generator())
+    out = method.training_step(_batch(), 0, torch.Generator().manual_seed(0))
+    tau = method.cfg.temperature
+    want = naive_info_nce(q1, k2, queue, tau) + naive_info_nce(q2, k1, queue, tau)
+    assert out.loss.item() == pytest.approx(want, rel=1e-5)
+    assert out.loss.item() != pytest.approx(2 * naive_info_nce(q1, k1, queue, tau), rel=1e-3)  # pairing matters
+    assert int(method.queue.ptr) == 16
+    torch.testing.assert_close(method.queue.keys[:16], torch.cat([k1, k2]))
+    torch.testing.assert_close(method.queue.keys[16:], queue[16:])
+
+
+def test_mocov2_symmetric_is_refused_by_subclasses_with_their_own_step() -> None:
+    from cropbench.errors import ConfigError
+
+    cls = METHODS.get("densecl")
+    cfg = replace(cls.Config(), hidden_dim=32, out_dim=16, queue_size=40, shuffle_bn_splits=2, symmetric=True)
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet_micro", widths=(8, 8, 16, 16))
+    with pytest.raises(ConfigError, match="params.symmetric: DenseCL has its own training step"):
+        cls(cfg, backbone, MethodContext(steps_per_epoch=10, epochs=1, batch_size=8), build_generator("densecl", {}))
+
+
 def test_mocov2_keys_are_encoded_without_gradient() -> None:
     method = _method("mocov2")
     k = method.encode_key(torch.randn(4, 3, 16, 16), torch.Generator())

@@ -79,3 +79,41 @@ def test_short_run_lowers_the_loss(data_root: Path) -> None:
         losses.append(out.loss.item())
     assert losses[0] == pytest.approx(math.log(10), abs=0.3), losses  # untrained: about chance
     assert sum(losses[-5:]) / 5 < 0.5 * math.log(10), losses
+
+
+def test_a_classifier_sized_for_other_data_stops_in_preflight(tmp_path: Path, data_root: Path) -> None:
+    """``params.num_classes`` against the training split's classes, before any step: 7 outputs for
+    the 10 embedded classes used to fail only at the first batch holding a label >= 7 (and 12
+    would have trained two classes that never occur)."""
+    from click.testing import CliRunner
+
+    from cropbench.cli import cli
+
+    for wrong in (7, 12):
+        result = CliRunner().invoke(
+            cli,
+            ["run", "supervised", "--eval", "knn", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+             "--set", f"params.num_classes={wrong}", "--data-root", str(data_root),
+             "--out", str(tmp_path / "rec"), "--work-dir", str(tmp_path / "runs")],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert (
+            f"params.num_classes is {wrong}, but 'synth_images' split 'train' (data.dataset) has 10 classes; "
+            "set params.num_classes: 10" in result.output
+        )
+        assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("name", ["synth_images", "synth_ucf101", "synth_hmdb51"])
+def test_embedded_class_counts_match_the_written_data(name: str, tmp_path: Path, data_root: Path) -> None:
+    """Before the embedded data is written its class count is the generator's; after, the split's
+    index is counted: the two must agree (``dataset_num_classes``)."""
+    from cropbench.data import dataset_folder, dataset_num_classes
+
+    assert dataset_folder(name, data_root).is_dir()  # written (the shared test data), so counted
+    split = "train" if name == "synth_images" else "train1"
+    unwritten = dataset_num_classes(name, tmp_path / "empty", split)
+    assert unwritten == 10
+    assert not (tmp_path / "empty").exists()  # counting writes nothing
+    assert dataset_num_classes(name, data_root, split) == unwritten
+    assert dataset_num_classes("synth_coco", data_root, "train2017") is None

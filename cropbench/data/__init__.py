@@ -36,6 +36,9 @@ class DatasetSpec:
     version: str = (
         ""  # generator version of synthetic data: part of the folder name, so a changed generator regenerates
     )
+    # classes of a classification / video dataset that the embedded generator writes, known before
+    # it is written (a real dataset's are counted from its index: ``dataset_num_classes``)
+    num_classes: int | None = None
 
     @property
     def folder_name(self) -> str:
@@ -164,6 +167,20 @@ def validate_dataset(
             # the split's index only: no image is decoded (builders that cache decode on demand)
             cache = {"cache": False} if "cache" in inspect.signature(spec.build).parameters else {}
             spec.build(folder, s, **cache)
+
+
+def dataset_num_classes(name: str, root: Path | None, split: str) -> int | None:
+    """Classes of a classification or video dataset's ``split`` before any training: the
+    generator's count for embedded data not yet written, else from the split's index (no image is
+    decoded). None for detection / segmentation datasets."""
+    spec: DatasetSpec = DATASETS.get(name)
+    if spec.kind not in ("classification", "video"):
+        return None
+    folder = (Path(root) if root is not None else default_data_root()) / spec.folder_name
+    if spec.synthetic and not folder.exists():
+        return spec.num_classes
+    cache = {"cache": False} if "cache" in inspect.signature(spec.build).parameters else {}
+    return int(spec.build(folder, split, **cache).num_classes)
 
 
 def _expand_splits(spec: DatasetSpec, split: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.synth import GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
+from cropbench.data.synth import CLASSES, GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
 from cropbench.types import ImageBatch
 
@@ -158,6 +158,7 @@ register_dataset(
         synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
         description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 1000 val)",
         version=str(GENERATOR_VERSION),
+        num_classes=len(CLASSES),
     )
 )
 register_dataset(

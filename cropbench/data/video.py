@@ -46,7 +46,7 @@ from cropbench.data.video_lists import (
     kinetics_list,
     ucf101_list,
 )
-from cropbench.data.video_synth import VIDEO_GENERATOR_VERSION, write_hmdb51, write_ucf101
+from cropbench.data.video_synth import HMDB_CLASSES, UCF_CLASSES, VIDEO_GENERATOR_VERSION, write_hmdb51, write_ucf101
 from cropbench.errors import DatasetError
 from cropbench.types import VideoBatch
 
@@ -245,6 +245,7 @@ register_dataset(
         UCF101_LAYOUT,
         _builder(ucf101_list, True),
         synthesize=write_ucf101,
+        num_classes=len(UCF_CLASSES),
         description="embedded synthetic action videos, UCF101 layout: 10 classes (texture + motion), 240 clips, 48 px",
         version=str(VIDEO_GENERATOR_VERSION),  # a changed generator writes a new folder
     )
@@ -267,6 +268,7 @@ register_dataset(
         HMDB51_LAYOUT,
         _builder(hmdb51_list, True),
         synthesize=write_hmdb51,
+        num_classes=len(HMDB_CLASSES),
         description="embedded synthetic action videos, HMDB51 layout: 10 classes (texture + motion), 200 clips, pan",
         version=str(VIDEO_GENERATOR_VERSION),  # a changed generator writes a new folder
     )
