@@ -3,7 +3,9 @@ module (``presets=`` of ``register_evaluation``), and entries name it
 (``eval: {coco: {preset: paper}}``, plus overrides) instead of copying the block.
 
 ``data/resolved_eval_settings.json`` is the resolved ``recipe.eval`` of every entry x variant x
-scale, frozen from git HEAD dd0a9a3 before the presets existed (the eleven copied blocks)."""
+scale, frozen from git HEAD dd0a9a3 before the presets existed (the eleven copied blocks); a variant
+added since (vsupervised, mocov2/asymmetric) is added with the settings it resolves to, which for
+mocov2/asymmetric equal mocov2/default's (the variant changes no evaluation)."""
 
 from __future__ import annotations
 
