@@ -461,8 +461,9 @@ def preflight(
     spec: RunSpec, entry: Entry, evals: tuple[str, ...], data_root: Path, log: Callable[[str], None]
 ) -> list[SeedPlan]:
     """Everything that can be checked before the first training step: recipes (ranges, method
-    settings, view size vs stride), every evaluation's settings and dataset splits, the output
-    and work folders, and the checkpoints ``--resume`` would read. Writes nothing."""
+    settings, view size vs stride, a classifier's size against the training classes), every
+    evaluation's settings and dataset splits, the output and work folders, and the checkpoints
+    ``--resume`` would read. Writes nothing."""
     where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
     plans = [SeedPlan(s, seeded_recipe(entry, spec, s), run_folder(spec, entry.name, s)) for s in spec.seeds]
     check_writable(spec.out, "--out")
