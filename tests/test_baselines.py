@@ -13,6 +13,7 @@ from cropbench.backbones import build_backbone
 from cropbench.config import from_dict
 from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
+from cropbench.methods.losses import info_nce
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simsiam import SimSiam
 from cropbench.recipe import SCALES, load_entry
@@ -121,6 +122,31 @@ def test_mocov2_symmetric_is_refused_by_subclasses_with_their_own_step() -> None
     backbone = build_backbone("resnet_micro", widths=(8, 8, 16, 16))
     with pytest.raises(ConfigError, match="params.symmetric: DenseCL has its own training step"):
         cls(cfg, backbone, MethodContext(steps_per_epoch=10, epochs=1, batch_size=8), build_generator("densecl", {}))
+
+
+def test_symmetric_loss_on_video_moco_which_inherits_the_step() -> None:
+    """vmoco runs MoCo v2's own step on clips, so ``symmetric`` applies there too: both clip
+    views' keys are enqueued and the loss is the sum of the two directions' InfoNCE."""
+    from cropbench.registry import BACKBONES
+    from cropbench.runner import method_from_params
+    from cropbench.types import VideoBatch
+
+    torch.manual_seed(0)
+    backbone = BACKBONES.get("r3d_micro")(widths=(8, 8, 16, 16))
+    clip = {"frames": 4, "stride": 2, "image": {"size": 16}}
+    params = {"symmetric": True, "shuffle_bn": False, "queue_size": 32, "hidden_dim": 16, "out_dim": 8}
+    method = method_from_params("vmoco", {**params, "views": {"clip": clip}}, backbone, MethodContext(batch_size=4))
+    video = torch.randint(0, 256, (4, 3, 8, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch = VideoBatch(video, torch.full((4,), -1), torch.arange(4), looped=torch.zeros(4, dtype=torch.bool))
+    queue = method.queue.keys.clone()
+    v1, v2 = method.make_views(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q1, q2 = method.encode_query(v1.tensor), method.encode_query(v2.tensor)
+        k1, k2 = method.encode_key(v1.tensor, torch.Generator()), method.encode_key(v2.tensor, torch.Generator())
+    out = method.training_step(batch, 0, torch.Generator().manual_seed(0))
+    want = float(info_nce(q1, k2, queue, method.cfg.temperature) + info_nce(q2, k1, queue, method.cfg.temperature))
+    assert out.loss.item() == pytest.approx(want, rel=1e-5)
+    assert int(method.queue.ptr) == 8
 
 
 def test_mocov2_keys_are_encoded_without_gradient() -> None:
