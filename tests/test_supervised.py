@@ -117,3 +117,16 @@ def test_embedded_class_counts_match_the_written_data(name: str, tmp_path: Path,
     assert not (tmp_path / "empty").exists()  # counting writes nothing
     assert dataset_num_classes(name, data_root, split) == unwritten
     assert dataset_num_classes("synth_coco", data_root, "train2017") is None
+
+
+def test_a_real_datasets_classes_are_counted_from_its_index(tmp_path: Path) -> None:
+    """A real dataset has no generator count: 3 class folders in ImageNet's layout give 3, so a
+    classifier sized 1000 (the paper default) would stop in preflight."""
+    from PIL import Image
+
+    from cropbench.data import dataset_num_classes
+
+    for cls in ("n01", "n02", "n03"):
+        (tmp_path / "imagenet" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "imagenet" / "train" / cls / "a.JPEG")
+    assert dataset_num_classes("imagenet", tmp_path, "train") == 3

@@ -98,8 +98,7 @@ def dataset_folder(name: str, data_root: Path | None = None, scale: str | None =
     """
     spec: DatasetSpec = DATASETS.get(name)
     _require_real(spec, scale, field)
-    root = Path(data_root) if data_root is not None else default_data_root()
-    folder = root / spec.folder_name
+    folder = _folder(spec, data_root)
     if spec.synthesize is None:
         if not folder.exists():
             raise DatasetError(f"dataset {name!r} not found at {folder}\nexpected layout:\n{layout_at(spec, folder)}")
@@ -150,7 +149,7 @@ def validate_dataset(
     spec: DatasetSpec = DATASETS.get(name)
     _require_real(spec, scale, field)
     splits = _expand_splits(spec, split)
-    folder = (Path(root) if root is not None else default_data_root()) / spec.folder_name
+    folder = _folder(spec, root)
     if spec.synthetic and not folder.exists():
         return  # generated (complete, known good) on first use
     if spec.synthetic and not (folder / _COMPLETE).exists():
@@ -164,9 +163,7 @@ def validate_dataset(
         if spec.validate is not None:
             spec.validate(folder, s)
         else:
-            # the split's index only: no image is decoded (builders that cache decode on demand)
-            cache = {"cache": False} if "cache" in inspect.signature(spec.build).parameters else {}
-            spec.build(folder, s, **cache)
+            _split_index(spec, folder, s)
 
 
 def dataset_num_classes(name: str, root: Path | None, split: str) -> int | None:
@@ -176,11 +173,21 @@ def dataset_num_classes(name: str, root: Path | None, split: str) -> int | None:
     spec: DatasetSpec = DATASETS.get(name)
     if spec.kind not in ("classification", "video"):
         return None
-    folder = (Path(root) if root is not None else default_data_root()) / spec.folder_name
+    folder = _folder(spec, root)
     if spec.synthetic and not folder.exists():
         return spec.num_classes
+    return int(_split_index(spec, folder, split).num_classes)
+
+
+def _folder(spec: DatasetSpec, root: Path | None) -> Path:
+    return (Path(root) if root is not None else default_data_root()) / spec.folder_name
+
+
+def _split_index(spec: DatasetSpec, folder: Path, split: str) -> Any:
+    """The split's dataset built for its index only: no image is decoded (builders that cache
+    decode on demand)."""
     cache = {"cache": False} if "cache" in inspect.signature(spec.build).parameters else {}
-    return int(spec.build(folder, split, **cache).num_classes)
+    return spec.build(folder, split, **cache)
 
 
 def _expand_splits(spec: DatasetSpec, split: str | tuple[str, ...]) -> tuple[str, ...]:
