@@ -8,6 +8,7 @@ Reusable parts (CYBORGS builds on them): ``online`` / ``target`` forward the two
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ class BYOL(SSLMethod):
         out_dim: int = 256  # projection size (BYOL §3.3)
         base_momentum: float = 0.996  # τ_base (BYOL §3.3)
         final_momentum: float = 1.0  # τ at the last step (BYOL: 1)
+        pred_lr_scale: float = 1.0  # predictor lr multiplier (BYOL: 1; a micro deviation when not 1)
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
@@ -64,6 +66,18 @@ class BYOL(SSLMethod):
         z1, z2 = self.target(v1.tensor), self.target(v2.tensor)
         loss = self.regression_loss(p1, p2, z1, z2)
         return StepOutput(loss, {"momentum": self.momentum_at(step)})
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Everything trainable follows the schedule; the predictor's lr is ``pred_lr_scale`` times it
+        (one group, as before the option existed, when it is 1)."""
+        if self.cfg.pred_lr_scale == 1.0:
+            return super().param_groups()
+        pred = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
+        return [
+            {"params": rest},
+            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.pred_lr_scale},
+        ]
 
     def momentum_at(self, step: int) -> float:
         """τ_k of BYOL's cosine schedule over ``ctx.total_steps`` (BYOL §3.3)."""

@@ -29,6 +29,7 @@ class SimSiam(SSLMethod):
         dim: int = 2048  # projector width and output (simsiam --dim)
         pred_dim: int = 512  # predictor bottleneck (simsiam --pred-dim)
         fix_pred_lr: bool = True  # simsiam --fix-pred-lr: predictor lr not decayed by the schedule
+        pred_lr_scale: float = 1.0  # predictor lr multiplier (SimSiam: 1; a micro deviation when not 1)
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
@@ -59,5 +60,9 @@ class SimSiam(SSLMethod):
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
         return [
             {"params": rest},
-            {"params": list(self.predictor.parameters()), "fixed_lr": self.cfg.fix_pred_lr},
+            {
+                "params": list(self.predictor.parameters()),
+                "fixed_lr": self.cfg.fix_pred_lr,
+                "lr_scale": self.cfg.pred_lr_scale,
+            },
         ]

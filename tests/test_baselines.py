@@ -15,7 +15,8 @@ from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
 from cropbench.methods.mocov2 import MoCoV2
 from cropbench.methods.simsiam import SimSiam
-from cropbench.recipe import SCALES, load_entry
+from cropbench.optim import build_optimizer, named_params, set_lr
+from cropbench.recipe import SCALES, OptimConfig, load_entry
 from cropbench.registry import METHODS
 from cropbench.runner import build_generator, generator_config, method_config
 from cropbench.types import ImageBatch
@@ -187,6 +188,28 @@ def test_simsiam_param_groups_fix_the_predictor_lr() -> None:
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.predictor.parameters()}
     no_fix = _method("simsiam", fix_pred_lr=False).param_groups()
     assert [g.get("fixed_lr", False) for g in no_fix] == [False, False]
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam"])
+@pytest.mark.parametrize("exclude_bias_norm", [False, True])
+def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, exclude_bias_norm: bool) -> None:
+    """``pred_lr_scale``: after ``set_lr`` every predictor tensor has scale x its lr (SimSiam's fixed
+    base lr, BYOL's scheduled lr), every other tensor the scheduled lr; 1 leaves BYOL's single group."""
+    method = _method(name, pred_lr_scale=10.0)
+    named = named_params(method)
+    opt = build_optimizer(
+        method.param_groups(), named, OptimConfig(name="sgd", exclude_bias_norm=exclude_bias_norm), 0.1
+    )
+    set_lr(opt, lr=0.03, base_lr=0.1)
+    pred_lr = 10.0 * (0.1 if name == "simsiam" else 0.03)
+    pred = {id(p) for p in method.predictor.parameters()}
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == len([p for p in method.parameters() if p.requires_grad])
+    for p in method.parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == pytest.approx(pred_lr if id(p) in pred else 0.03), named[p]
+    if name == "byol":
+        assert len(_method("byol").param_groups()) == 1
 
 
 def test_simsiam_loss_is_bounded_and_symmetric() -> None:
