@@ -165,6 +165,12 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg: Opt
     return base_lr
 
 
+def check_lr_scale(key: str, value: float) -> None:
+    """A parameter group's ``lr_scale`` comes from a recipe key: refuse 0, negatives and non-numbers."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}: a learning-rate multiplier must be a finite number > 0, got {value!r}")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
     """A group's optional ``lr_scale`` multiplies its lr (BraVe: predictor x10)."""
     for g in optimizer.param_groups:

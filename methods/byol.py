@@ -17,6 +17,7 @@ from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import byol_mlp
 from cropbench.methods.losses import normalized_mse, symmetric
 from cropbench.methods.momentum import cosine_momentum, ema_update, momentum_copy
+from cropbench.optim import check_lr_scale
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
 from cropbench.views.generators import ViewGenerator
@@ -38,6 +39,7 @@ class BYOL(SSLMethod):
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
+        check_lr_scale("params.pred_lr_scale", cfg.pred_lr_scale)
         self.projector = byol_mlp(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
         self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
         self.target_backbone = momentum_copy(backbone)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from cropbench.methods.base import MethodContext, SSLMethod, StepOutput
 from cropbench.methods.heads import simsiam_predictor, simsiam_projector
 from cropbench.methods.losses import negative_cosine, symmetric
+from cropbench.optim import check_lr_scale
 from cropbench.registry import METHODS
 from cropbench.types import ImageBatch
 from cropbench.views.generators import ViewGenerator
@@ -33,6 +34,7 @@ class SimSiam(SSLMethod):
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
+        check_lr_scale("params.pred_lr_scale", cfg.pred_lr_scale)
         self.projector = simsiam_projector(backbone.feat_dim, cfg.dim)
         self.predictor = simsiam_predictor(cfg.dim, cfg.pred_dim)
         self.views = views

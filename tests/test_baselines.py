@@ -11,6 +11,7 @@ from torch import nn
 
 from cropbench.backbones import build_backbone
 from cropbench.config import from_dict
+from cropbench.errors import ConfigError
 from cropbench.methods.base import MethodContext, SSLMethod
 from cropbench.methods.byol import BYOL
 from cropbench.methods.mocov2 import MoCoV2
@@ -210,6 +211,13 @@ def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, exclude_
             assert lr_of[id(p)] == pytest.approx(pred_lr if id(p) in pred else 0.03), named[p]
     if name == "byol":
         assert len(_method("byol").param_groups()) == 1
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_predictor_lr_scale_must_be_positive(name: str, bad: float) -> None:
+    with pytest.raises(ConfigError, match=r"params\.pred_lr_scale: .*finite number > 0"):
+        _method(name, pred_lr_scale=bad)
 
 
 def test_simsiam_loss_is_bounded_and_symmetric() -> None:
