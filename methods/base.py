@@ -139,3 +139,11 @@ class SSLMethod(nn.Module, abc.ABC):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-group lr (SimSiam fixed predictor lr)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def groups_apart(self, module: nn.Module, **options: Any) -> list[dict[str, Any]]:
+        """Two parameter groups: every other trainable parameter, then ``module``'s with ``options``
+        (``fixed_lr``, ``lr_scale``, ``grad_scale``: cropbench.optim applies them)."""
+        own = list(module.parameters())
+        ids = {id(p) for p in own}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": own, **options}]

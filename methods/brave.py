@@ -105,9 +105,4 @@ class BraVe(SSLMethod):
     def param_groups(self) -> list[dict[str, Any]]:
         """One lr for all; the predictor's gradients ×``predictor_grad_scale`` before the optimizer
         (``grad_scale``, applied by cropbench.optim as BraVe's ``_scale_by_module_name``)."""
-        pred = {id(p) for p in self.predictor.parameters()}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
-        return [
-            {"params": rest},
-            {"params": list(self.predictor.parameters()), "grad_scale": self.cfg.predictor_grad_scale},
-        ]
+        return self.groups_apart(self.predictor, grad_scale=self.cfg.predictor_grad_scale)

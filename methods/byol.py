@@ -74,12 +74,7 @@ class BYOL(SSLMethod):
         (one group, as before the option existed, when it is 1)."""
         if self.cfg.pred_lr_scale == 1.0:
             return super().param_groups()
-        pred = {id(p) for p in self.predictor.parameters()}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
-        return [
-            {"params": rest},
-            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.pred_lr_scale},
-        ]
+        return self.groups_apart(self.predictor, lr_scale=self.cfg.pred_lr_scale)
 
     def momentum_at(self, step: int) -> float:
         """τ_k of BYOL's cosine schedule over ``ctx.total_steps`` (BYOL §3.3)."""

@@ -58,13 +58,4 @@ class SimSiam(SSLMethod):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Encoder + projector follow the schedule; the predictor gets ``fixed_lr`` if asked."""
-        pred = {id(p) for p in self.predictor.parameters()}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
-        return [
-            {"params": rest},
-            {
-                "params": list(self.predictor.parameters()),
-                "fixed_lr": self.cfg.fix_pred_lr,
-                "lr_scale": self.cfg.pred_lr_scale,
-            },
-        ]
+        return self.groups_apart(self.predictor, fixed_lr=self.cfg.fix_pred_lr, lr_scale=self.cfg.pred_lr_scale)
