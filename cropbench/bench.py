@@ -12,7 +12,9 @@ Sections (issue 14, part 5), each a pair *ours* vs *reference* timed in one proc
 * ``linear``: the linear probe on cached features vs the frozen backbone re-run every epoch.
 * ``gpu`` (CUDA only): the ResNet-50 224-px SimCLR step (paper recipe) in bf16 autocast and
   channels_last, images/s and the fraction of the GPU's bf16 dense peak.
-* ``e2e``: wall time of ``cropbench run simclr --eval knn`` at micro, in a temporary folder.
+* ``e2e``: wall time of ``cropbench run simclr --eval knn`` at micro, in a temporary folder; with
+  ``--against REV``, the same command run by this code and by git revision REV's code (installed
+  from ``git archive`` into a temporary folder), interleaved, with the target >= 1.3x.
 
 Interleaving: after one warm-up call each, the two sides alternate A B, B A, ... and each side
 reports the median of its calls, so load drift on a shared machine hits both. Peak memory of a
@@ -23,12 +25,15 @@ with its rise over the RSS before the call.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +74,7 @@ SECTIONS = ("views", "step", "linear", "gpu", "e2e")
 QUICK_SECTIONS = ("views", "step", "linear", "gpu")  # e2e is a full micro run: only when asked for
 VIEW_TARGETS = {32: 3.0, 224: 1.5}  # issue 14: batched views >= 3x per-image at 32 px, >= 1.5x at 224 px
 LINEAR_TARGET = 10.0  # issue 14: cached probe >= 10x faster than per-epoch extraction
+E2E_TARGET = 1.3  # issue 14: the micro SimCLR run >= 30 % faster end to end than at the issue's filing
 # The two probes see the same samples in the same order from the same init; only the features'
 # float rounding differs (extraction batches in sorted vs shuffled order). Measured on CPU: equal
 # top-1 at 5 and 30 epochs (16.20, 23.50); one validation image is 0.1 point, allow two.
@@ -98,6 +104,8 @@ class BenchOptions:
     strict: bool = False  # exit status 1 when a target is missed
     overrides: dict[str, Any] = field(default_factory=dict)  # --set, for the step recipes and e2e
     linear_epochs: int | None = None  # None: the micro protocol's (100), 5 with quick
+    against: str | None = None  # e2e: a git revision whose code runs the same command, interleaved
+    e2e_repeats: int = 3  # e2e with ``against``: timed runs per side (1 with quick)
 
 
 def parse_sections(text: str | None, quick: bool) -> tuple[str, ...]:
@@ -684,40 +692,184 @@ def bench_linear(opts: BenchOptions, device: torch.device, echo: Echo) -> list[C
 # ---------------------------------------------------------------- end to end
 
 
-def bench_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> dict[str, Any]:
-    """``cropbench run simclr --eval knn`` (micro) in a temporary folder, as a separate process."""
+def bench_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> dict[str, Any] | list[Comparison]:
+    """``cropbench run simclr --eval knn`` (micro) in a temporary folder, as a separate process; with
+    ``--against REV``, interleaved with the same command run by the code of git revision REV."""
+    if opts.against:
+        return compare_e2e(opts, device, echo)
     threads = torch.get_num_threads()
-    sets = [f"{k}={json.dumps(v)}" for k, v in flatten(opts.overrides).items()]
-    if opts.quick:
-        sets.append("train.epochs=2")
+    sets = e2e_sets(opts)
     echo(f"\n== e2e: cropbench run simclr --eval knn (micro) [{device.type}, {threads} threads]")
     with tempfile.TemporaryDirectory(prefix="cropbench-bench-e2e-") as tmp:
-        cmd = [sys.executable, "-m", "cropbench", "run", "simclr", "--eval", "knn", "--device", device.type]
-        cmd += ["--work-dir", f"{tmp}/runs", "--out", f"{tmp}/records", "--quiet"]
-        cmd += [a for s in sets for a in ("--set", s)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        record = next(iter(sorted(Path(tmp, "records").rglob("*.json"))), None)
-        rec = json.loads(record.read_text()) if record else {}
+        res = run_e2e(e2e_command(device, sets, Path(tmp)), e2e_env(threads), Path(tmp))
+    cmd, rec = res.pop("cmd"), res.pop("record")
     out = {
         "command": " ".join(cmd[1:]),
-        "returncode": proc.returncode,
-        "wall_s": wall,
-        "pretrain_wall_s": rec.get("pretrain", {}).get("wall_s"),
+        "returncode": 0,
+        **res,
         "pretrain_images_per_s": rec.get("pretrain", {}).get("images_per_s"),
-        "knn_top1": rec.get("metrics", {}).get("top1"),
         "modified": bool(sets),
     }
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
     modified = f" (recipe modified: {', '.join(sets)})" if sets else ""
     echo(
-        f"  wall {wall:.1f} s; pretraining {_num(out['pretrain_wall_s'], '.1f')} s at "
+        f"  wall {out['wall_s']:.1f} s; pretraining {_num(out['pretrain_wall_s'], '.1f')} s at "
         f"{_num(out['pretrain_images_per_s'], '.1f')} img/s; kNN top1 {_num(out['knn_top1'], '.2f')}{modified}"
     )
     return out
+
+
+def e2e_sets(opts: BenchOptions) -> list[str]:
+    """``--set`` arguments of the e2e command: the bench's overrides (2 epochs with ``--quick``)."""
+    sets = [f"{k}={json.dumps(v)}" for k, v in flatten(opts.overrides).items()]
+    return [*sets, "train.epochs=2"] if opts.quick else sets
+
+
+def e2e_command(device: torch.device, sets: Sequence[str], tmp: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "cropbench", "run", "simclr", "--eval", "knn", "--device", device.type]
+    cmd += ["--work-dir", f"{tmp}/runs", "--out", f"{tmp}/records", "--quiet"]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
+def e2e_env(threads: int, pythonpath: Path | None = None) -> dict[str, str]:
+    """The environment of an e2e run: ``threads`` OpenMP / MKL threads; with ``pythonpath``, the
+    ``cropbench`` package installed there comes first (a revision's code, for ``--against``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_e2e(cmd: list[str], env: dict[str, str], tmp: Path) -> dict[str, Any]:
+    """Run one e2e command in ``tmp`` (a fresh work dir and records folder; ``tmp`` as the working
+    directory, so no ``cropbench`` folder there shadows the package): wall time, the child's peak
+    RSS, and what its record says."""
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
+    shutil.rmtree(tmp / "records", ignore_errors=True)
+    with open(tmp / "stderr.txt", "w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not all children's
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    peak = usage.ru_maxrss / 1024  # kB on Linux
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {stderr.strip()[-800:]}")
+    record = next(iter(sorted(Path(tmp, "records").rglob("*.json"))), None)
+    rec = json.loads(record.read_text()) if record else {}
+    pre = rec.get("pretrain", {})
+    return {
+        "cmd": cmd,
+        "record": rec,
+        "wall_s": wall,
+        "peak_mib": peak,
+        "pretrain_wall_s": pre.get("wall_s"),
+        "steps": pre.get("steps"),
+        "knn_top1": rec.get("metrics", {}).get("top1"),
+    }
+
+
+def install_revision(rev: str, dest: Path) -> Path:
+    """``cropbench`` at git revision ``rev`` of this checkout, installed (no dependencies) into
+    ``dest/site`` from ``git archive``: the folder to put first on ``PYTHONPATH``."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=repo, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CropbenchError(f"--against {rev}: needs git and a git checkout of cropbench ({e})") from e
+    if sha.returncode:
+        raise CropbenchError(f"--against {rev}: not a commit of the git checkout at {repo}: {sha.stderr.strip()}")
+    src, site = dest / "src", dest / "site"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", sha.stdout.strip()], cwd=repo, capture_output=True)
+    if archive.returncode:
+        raise CropbenchError(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(src, filter="data")
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target"]
+    done = subprocess.run([*pip, str(site), str(src)], capture_output=True, text=True)
+    if done.returncode:
+        raise CropbenchError(f"--against {rev}: installing it failed: {done.stderr.strip()[-800:]}")
+    for folder in ("benchmarks", "results"):  # found next to the package (recipe.BENCHMARKS_DIR, cli.RESULTS)
+        if (src / folder).is_dir():
+            (site / folder).symlink_to(src / folder, target_is_directory=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import cropbench; print(cropbench.__file__)"],
+        env=e2e_env(1, site),
+        cwd=dest,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not where.startswith(str(site)):  # the installed revision must be what the command imports
+        raise CropbenchError(f"--against {rev}: the installed revision does not shadow this one (imports {where!r})")
+    return site
+
+
+def compare_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Comparison]:
+    """The e2e command run by this code and by revision ``opts.against``, interleaved A B, B A, ...
+
+    Each side first runs once untimed with one epoch (its data generated in its own data root, caches
+    warm). The comparison is of equal work only when both records show the same number of steps
+    (pass ``--set train.epochs=N`` when the revisions' recipes differ); otherwise it has no verdict.
+    """
+    threads, sets = torch.get_num_threads(), e2e_sets(opts)
+    repeats = 1 if opts.quick else opts.e2e_repeats
+    echo(
+        f"\n== e2e: cropbench run simclr --eval knn (micro), this code vs {opts.against}  [{device.type}, "
+        f"{threads} threads, median of {repeats}, interleaved, after one untimed 1-epoch run each]"
+    )
+    runs = {"ours": Run(), "ref": Run()}
+    records: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cropbench-bench-e2e-") as tmp:
+        site = install_revision(opts.against, Path(tmp, "rev"))
+        sides = {}
+        for name, path in (("ours", None), ("ref", site)):
+            side_tmp = Path(tmp, name)
+            side_tmp.mkdir()
+            env = e2e_env(threads, path)
+            if path is not None:  # the revision's data in its own root: its generator may differ from ours
+                env["CROPBENCH_DATA"] = str(Path(tmp, "rev-data"))
+            sides[name] = (e2e_command(device, sets, side_tmp), env, side_tmp)
+            cmd, env, side_tmp = sides[name]
+            run_e2e([*cmd, "--set", "train.epochs=1"], env, side_tmp)  # warm-up: data, caches
+        for r in range(repeats):
+            for name in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
+                res = run_e2e(*sides[name])
+                runs[name].times_s.append(res["wall_s"])
+                runs[name].peak_mib = max(runs[name].peak_mib, res["peak_mib"])
+                runs[name].delta_mib = runs[name].peak_mib  # a fresh process: all of its peak is the run's
+                runs[name].first = res["knn_top1"] if runs[name].first is None else runs[name].first
+                runs[name].last = res["knn_top1"]
+                records[name] = res
+    steps = tuple(None if records[k]["steps"] is None else int(records[k]["steps"]) for k in ("ours", "ref"))
+    equal = steps[0] is not None and steps[0] == steps[1]
+    batch = simclr_recipe("micro", opts.overrides).train.batch_size
+    images = int(steps[0] or 0) * batch
+    extra = {
+        "against": opts.against,
+        "steps": {"ours": steps[0], "reference": steps[1]},
+        "knn_top1": {"ours": records["ours"]["knn_top1"], "reference": records["ref"]["knn_top1"]},
+        "pretrain_wall_s": {"ours": records["ours"]["pretrain_wall_s"], "reference": records["ref"]["pretrain_wall_s"]},
+        "command": " ".join(sides["ours"][0][1:]),
+    }
+    labels = ("this code", f"revision {opts.against}")
+    c = Comparison("e2e", f"micro simclr, {steps[0]} steps", runs["ours"], runs["ref"], labels, images, extra=extra)
+    c.target = E2E_TARGET if equal else None
+    c.notes = [
+        f"pretraining: ours {_num(extra['pretrain_wall_s']['ours'], '.1f')} s, {opts.against} "
+        f"{_num(extra['pretrain_wall_s']['reference'], '.1f')} s (last run); kNN top1 ours "
+        f"{_num(extra['knn_top1']['ours'], '.2f')}, {opts.against} {_num(extra['knn_top1']['reference'], '.2f')}; "
+        f"wall time {abs(100 * (1 - 1 / c.ratio)):.0f} % {'shorter' if c.ratio >= 1 else 'longer'}"
+    ]
+    if not equal:
+        c.notes.append(
+            f"unequal work ({steps[0]} vs {steps[1]} steps): no verdict; pass --set train.epochs=N to both sides"
+        )
+    _echo_comparison(echo, c)
+    return [c]
 
 
 def _num(value: float | None, spec: str) -> str:

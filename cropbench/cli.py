@@ -587,13 +587,47 @@ def export(checkpoint: Path, fmt: str, out: Path | None) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a target is missed (default: print FAIL, exit 0).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override for step, gpu and e2e.")
+@click.option(
+    "--against",
+    metavar="REV",
+    default=None,
+    help="e2e: also run the command with git revision REV's code, interleaved (target >= 1.3x faster).",
+)
+@click.option(
+    "--e2e-repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="e2e --against: timed runs per side.",
+)
 def bench(
-    device: str, threads: int | None, quick: bool, only: str | None, json_path: Path | None, strict: bool, sets: tuple
+    device: str,
+    threads: int | None,
+    quick: bool,
+    only: str | None,
+    json_path: Path | None,
+    strict: bool,
+    sets: tuple,
+    against: str | None,
+    e2e_repeats: int,
 ) -> None:
     """Our views, training step and linear probe side by side with plain references (interleaved)."""
     from cropbench.bench import BenchOptions, parse_sections, run_bench
 
-    opts = BenchOptions(device, threads, quick, parse_sections(only, quick), json_path, strict, parse_overrides(sets))
+    sections = parse_sections(only, quick)
+    if against and "e2e" not in sections:
+        raise CropbenchError("--against compares the e2e section: add it with --only ...,e2e")
+    opts = BenchOptions(
+        device,
+        threads,
+        quick,
+        sections,
+        json_path,
+        strict,
+        parse_overrides(sets),
+        against=against,
+        e2e_repeats=e2e_repeats,
+    )
     code = run_bench(opts, click.echo)
     if code:
         sys.exit(code)

@@ -184,3 +184,68 @@ def test_strict_exits_1_on_a_missed_target(monkeypatch: pytest.MonkeyPatch, tmp_
     assert result.exit_code == 1
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["misses"] == ["views fake: 1.00x < 3x"] and report["sections"]["views"][0]["passed"] is False
+
+
+def _git_head() -> str | None:
+    import subprocess
+
+    try:
+        repo = Path(B.__file__).parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_e2e_against_a_revision_runs_that_revisions_code(tmp_path: Path) -> None:
+    """``--against HEAD`` installs HEAD from git archive and runs the same command with it: on a clean
+    checkout both sides are the same code, so the same seed gives the same kNN top-1 and step count."""
+    head = _git_head()
+    if head is None:
+        pytest.skip("not a git checkout")
+    path = tmp_path / "e2e.json"
+    args = ["bench", "--quick", "--only", "e2e", "--against", "HEAD", "--threads", "1", "--json", str(path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "this code vs HEAD" in result.output and "target >= 1.3x" in result.output
+    (c,) = json.loads(path.read_text())["sections"]["e2e"]
+    assert c["against"] == "HEAD" and c["target"] == 1.3
+    assert c["steps"] == {"ours": 50, "reference": 50}  # --quick: 2 epochs of 25 steps, both sides
+    assert c["knn_top1"]["ours"] == c["knn_top1"]["reference"] is not None
+    for side in (c["ours"], c["reference"]):
+        _check_side(side, 1)
+
+
+def test_e2e_against_unequal_work_has_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revision whose recipe runs a different number of steps is not compared against the target."""
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], env: dict, tmp: Path) -> dict:
+        calls.append(cmd)
+        ref = "PYTHONPATH" in env and env["PYTHONPATH"].startswith("/rev")
+        return {"cmd": cmd, "record": {}, "wall_s": 2.0 if ref else 1.0, "peak_mib": 10.0,
+                "pretrain_wall_s": 1.0, "steps": 600 if ref else 400, "knn_top1": 50.0}  # fmt: skip
+
+    monkeypatch.setattr(B, "install_revision", lambda rev, dest: Path("/rev/site"))
+    monkeypatch.setattr(B, "run_e2e", fake_run)
+    lines: list[str] = []
+    opts = B.BenchOptions(only=("e2e",), against="abc123", e2e_repeats=2)
+    (c,) = B.bench_e2e(opts, torch.device("cpu"), lines.append)
+    assert c.ratio == 2.0 and c.target is None and c.passed is None
+    assert any("unequal work (400 vs 600 steps)" in line for line in lines)
+    assert len(calls) == 2 + 2 * 2  # one warm-up each, then A B, B A
+    assert all(cmd[-2:] == ["--set", "train.epochs=1"] for cmd in calls[:2])
+    # equal steps: a verdict against the target
+    monkeypatch.setattr(B, "run_e2e", lambda cmd, env, tmp: {**fake_run(cmd, env, tmp), "steps": 400})
+    (c,) = B.bench_e2e(opts, torch.device("cpu"), lines.append)
+    assert c.target == B.E2E_TARGET and c.passed is True
+
+
+def test_against_errors_before_anything_runs() -> None:
+    result = CliRunner().invoke(cli, ["bench", "--only", "views", "--against", "HEAD"])
+    assert result.exit_code == 2 and "--against compares the e2e section" in result.output
+    if _git_head() is None:
+        return
+    with pytest.raises(B.CropbenchError, match="--against no-such-rev: not a commit"):
+        B.install_revision("no-such-rev", Path("/nonexistent"))
