@@ -13,8 +13,8 @@ Sections (issue 14, part 5), each a pair *ours* vs *reference* timed in one proc
 * ``gpu`` (CUDA only): the ResNet-50 224-px SimCLR step (paper recipe) in bf16 autocast and
   channels_last, images/s and the fraction of the GPU's bf16 dense peak.
 * ``e2e``: wall time of ``cropbench run simclr --eval knn`` at micro, in a temporary folder; with
-  ``--against REV``, the same command run by this code and by git revision REV's code (installed
-  from ``git archive`` into a temporary folder), interleaved, with the target >= 1.3x.
+  ``--against REV``, the same command run by this code and by git revision REV's code (laid
+  out from ``git archive`` in a temporary folder), interleaved, with the target >= 1.3x.
 
 Interleaving: after one warm-up call each, the two sides alternate A B, B A, ... and each side
 reports the median of its calls, so load drift on a shared machine hits both. Peak memory of a
@@ -36,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -771,8 +772,8 @@ def run_e2e(cmd: list[str], env: dict[str, str], tmp: Path) -> dict[str, Any]:
 
 
 def install_revision(rev: str, dest: Path) -> Path:
-    """``cropbench`` at git revision ``rev`` of this checkout, installed (no dependencies) into
-    ``dest/site`` from ``git archive``: the folder to put first on ``PYTHONPATH``."""
+    """``cropbench`` at git revision ``rev`` of this checkout, from ``git archive``, laid out as
+    installed under ``dest/site``: the folder to put first on ``PYTHONPATH``."""
     repo = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
@@ -789,13 +790,7 @@ def install_revision(rev: str, dest: Path) -> Path:
         raise CropbenchError(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(src, filter="data")
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target"]
-    done = subprocess.run([*pip, str(site), str(src)], capture_output=True, text=True)
-    if done.returncode:
-        raise CropbenchError(f"--against {rev}: installing it failed: {done.stderr.strip()[-800:]}")
-    for folder in ("benchmarks", "results"):  # found next to the package (recipe.BENCHMARKS_DIR, cli.RESULTS)
-        if (src / folder).is_dir():
-            (site / folder).symlink_to(src / folder, target_is_directory=True)
+    lay_out_packages(src, site)
     where = subprocess.run(
         [sys.executable, "-c", "import cropbench; print(cropbench.__file__)"],
         env=e2e_env(1, site),
@@ -806,6 +801,28 @@ def install_revision(rev: str, dest: Path) -> Path:
     if not where.startswith(str(site)):  # the installed revision must be what the command imports
         raise CropbenchError(f"--against {rev}: the installed revision does not shadow this one (imports {where!r})")
     return site
+
+
+def lay_out_packages(src: Path, site: Path) -> None:
+    """Lay the source tree ``src`` out as its install would (pyproject ``[tool.setuptools]
+    package-dir``: ``cropbench.methods`` from ``methods/``, ...) under ``site``, by symlinks, without
+    pip (no build backend or network needed); ``benchmarks/`` and ``results/`` go next to the
+    package, where ``recipe.BENCHMARKS_DIR`` and ``cli.RESULTS`` look for them."""
+    config = tomllib.loads((src / "pyproject.toml").read_text())
+    package_dir = config.get("tool", {}).get("setuptools", {}).get("package-dir", {"cropbench": "cropbench"})
+    top = site / "cropbench"
+    shutil.copytree(src / package_dir.get("cropbench", "cropbench"), top, symlinks=True)
+    for package, folder in package_dir.items():
+        if package.startswith("cropbench."):
+            link = site.joinpath(*package.split("."))
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                shutil.rmtree(link)
+            link.symlink_to(src / folder, target_is_directory=True)
+    for folder in ("benchmarks", "results"):
+        if (src / folder).is_dir():
+            (site / folder).symlink_to(src / folder, target_is_directory=True)
 
 
 def compare_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Comparison]:
