@@ -849,9 +849,9 @@ def compare_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Co
             env = e2e_env(threads, path)
             if path is not None:  # the revision's data in its own root: its generator may differ from ours
                 env["CROPBENCH_DATA"] = str(Path(tmp, "rev-data"))
-            sides[name] = (e2e_command(device, sets, side_tmp), env, side_tmp)
-            cmd, env, side_tmp = sides[name]
+            cmd = e2e_command(device, sets, side_tmp)
             run_e2e([*cmd, "--set", "train.epochs=1"], env, side_tmp)  # warm-up: data, caches
+            sides[name] = (cmd, env, side_tmp)
         for r in range(repeats):
             for name in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
                 res = run_e2e(*sides[name])
@@ -861,19 +861,20 @@ def compare_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Co
                 runs[name].first = res["knn_top1"] if runs[name].first is None else runs[name].first
                 runs[name].last = res["knn_top1"]
                 records[name] = res
-    steps = tuple(None if records[k]["steps"] is None else int(records[k]["steps"]) for k in ("ours", "ref"))
-    equal = steps[0] is not None and steps[0] == steps[1]
-    batch = simclr_recipe("micro", opts.overrides).train.batch_size
-    images = int(steps[0] or 0) * batch
+    work = {k: e2e_work(records[k]) for k in ("ours", "ref")}
+    equal = None not in work["ours"].values() and work["ours"] == work["ref"]
+    steps = work["ours"]["steps"]
+    images = int(steps or 0) * int(work["ours"]["batch_size"] or 0)
     extra = {
         "against": opts.against,
-        "steps": {"ours": steps[0], "reference": steps[1]},
+        "steps": {"ours": steps, "reference": work["ref"]["steps"]},
+        "work": {"ours": work["ours"], "reference": work["ref"]},
         "knn_top1": {"ours": records["ours"]["knn_top1"], "reference": records["ref"]["knn_top1"]},
         "pretrain_wall_s": {"ours": records["ours"]["pretrain_wall_s"], "reference": records["ref"]["pretrain_wall_s"]},
         "command": " ".join(sides["ours"][0][1:]),
     }
     labels = ("this code", f"revision {opts.against}")
-    c = Comparison("e2e", f"micro simclr, {steps[0]} steps", runs["ours"], runs["ref"], labels, images, extra=extra)
+    c = Comparison("e2e", f"micro simclr, {steps} steps", runs["ours"], runs["ref"], labels, images, extra=extra)
     c.target = E2E_TARGET if equal else None
     c.notes = [
         f"pretraining: ours {_num(extra['pretrain_wall_s']['ours'], '.1f')} s, {opts.against} "
@@ -883,10 +884,26 @@ def compare_e2e(opts: BenchOptions, device: torch.device, echo: Echo) -> list[Co
     ]
     if not equal:
         c.notes.append(
-            f"unequal work ({steps[0]} vs {steps[1]} steps): no verdict; pass --set train.epochs=N to both sides"
+            f"unequal work (ours {_work_text(work['ours'])}, {opts.against} {_work_text(work['ref'])}): no verdict; "
+            "pass the same --set train.epochs=N (or batch_size, backbone) to both sides"
         )
     _echo_comparison(echo, c)
     return [c]
+
+
+def e2e_work(res: dict[str, Any]) -> dict[str, Any]:
+    """What one e2e run computed, from its record: optimizer steps, batch size and backbone."""
+    recipe = res["record"].get("provenance", {}).get("recipe", {})
+    steps = res["steps"]
+    return {
+        "steps": None if steps is None else int(steps),
+        "batch_size": recipe.get("train", {}).get("batch_size"),
+        "backbone": recipe.get("backbone"),
+    }
+
+
+def _work_text(work: dict[str, Any]) -> str:
+    return f"{work['steps']} steps at batch {work['batch_size']} on {work['backbone']}"
 
 
 def _num(value: float | None, spec: str) -> str:

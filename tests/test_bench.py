@@ -224,7 +224,8 @@ def test_e2e_against_unequal_work_has_no_verdict(monkeypatch: pytest.MonkeyPatch
     def fake_run(cmd: list[str], env: dict, tmp: Path) -> dict:
         calls.append(cmd)
         ref = "PYTHONPATH" in env and env["PYTHONPATH"].startswith("/rev")
-        return {"cmd": cmd, "record": {}, "wall_s": 2.0 if ref else 1.0, "peak_mib": 10.0,
+        record = {"provenance": {"recipe": {"backbone": "resnet_micro", "train": {"batch_size": 64}}}}
+        return {"cmd": cmd, "record": record, "wall_s": 2.0 if ref else 1.0, "peak_mib": 10.0,
                 "pretrain_wall_s": 1.0, "steps": 600 if ref else 400, "knn_top1": 50.0}  # fmt: skip
 
     monkeypatch.setattr(B, "install_revision", lambda rev, dest: Path("/rev/site"))
@@ -233,13 +234,28 @@ def test_e2e_against_unequal_work_has_no_verdict(monkeypatch: pytest.MonkeyPatch
     opts = B.BenchOptions(only=("e2e",), against="abc123", e2e_repeats=2)
     (c,) = B.bench_e2e(opts, torch.device("cpu"), lines.append)
     assert c.ratio == 2.0 and c.target is None and c.passed is None
-    assert any("unequal work (400 vs 600 steps)" in line for line in lines)
+    assert any(
+        "unequal work (ours 400 steps at batch 64 on resnet_micro, abc123 600 steps at batch 64 on resnet_micro)"
+        in line
+        for line in lines
+    )
     assert len(calls) == 2 + 2 * 2  # one warm-up each, then A B, B A
     assert all(cmd[-2:] == ["--set", "train.epochs=1"] for cmd in calls[:2])
     # equal steps: a verdict against the target
     monkeypatch.setattr(B, "run_e2e", lambda cmd, env, tmp: {**fake_run(cmd, env, tmp), "steps": 400})
     (c,) = B.bench_e2e(opts, torch.device("cpu"), lines.append)
-    assert c.target == B.E2E_TARGET and c.passed is True
+    assert c.target == B.E2E_TARGET and c.passed is True and c.images == 400 * 64
+
+    # a different batch size is unequal work too, at equal steps
+    def other_batch(cmd: list[str], env: dict, tmp: Path) -> dict:
+        res = {**fake_run(cmd, env, tmp), "steps": 400}
+        if env.get("PYTHONPATH", "").startswith("/rev"):
+            res["record"] = {"provenance": {"recipe": {"backbone": "resnet_micro", "train": {"batch_size": 128}}}}
+        return res
+
+    monkeypatch.setattr(B, "run_e2e", other_batch)
+    (c,) = B.bench_e2e(opts, torch.device("cpu"), lines.append)
+    assert c.target is None and "at batch 128" in lines[-1]
 
 
 def test_against_errors_before_anything_runs() -> None:
