@@ -771,21 +771,29 @@ def run_e2e(cmd: list[str], env: dict[str, str], tmp: Path) -> dict[str, Any]:
     }
 
 
-def install_revision(rev: str, dest: Path) -> Path:
-    """``cropbench`` at git revision ``rev`` of this checkout, from ``git archive``, laid out as
-    installed under ``dest/site``: the folder to put first on ``PYTHONPATH``."""
-    repo = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the git checkout ``--against`` reads revisions from
+
+
+def resolve_revision(rev: str) -> str:
+    """The commit id of ``rev`` in this checkout, or an error naming ``--against`` and ``rev``."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=repo, capture_output=True, text=True, timeout=30
+            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError) as e:
         raise CropbenchError(f"--against {rev}: needs git and a git checkout of cropbench ({e})") from e
     if sha.returncode:
-        raise CropbenchError(f"--against {rev}: not a commit of the git checkout at {repo}: {sha.stderr.strip()}")
+        raise CropbenchError(f"--against {rev}: not a commit of the git checkout at {REPO}: {sha.stderr.strip()}")
+    return sha.stdout.strip()
+
+
+def install_revision(rev: str, dest: Path) -> Path:
+    """``cropbench`` at git revision ``rev`` of this checkout, from ``git archive``, laid out as
+    installed under ``dest/site``: the folder to put first on ``PYTHONPATH``."""
+    sha = resolve_revision(rev)
     src, site = dest / "src", dest / "site"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "--format=tar", sha.stdout.strip()], cwd=repo, capture_output=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True)
     if archive.returncode:
         raise CropbenchError(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
@@ -963,9 +971,12 @@ def _misses(results: dict[str, Any]) -> list[str]:
 
 
 def preflight(opts: BenchOptions) -> None:
-    """Resolve the recipes the sections build, so a bad ``--set`` key fails before anything runs."""
+    """Resolve the recipes the sections build, and ``--against``'s revision, so a bad ``--set`` key
+    or an unknown revision fails before anything runs."""
     simclr_recipe("micro", opts.overrides)
     simclr_recipe("paper", deep_merge(opts.overrides, {"train": {"batch_size": 64}}))
+    if opts.against:
+        resolve_revision(opts.against)
 
 
 def run_bench(opts: BenchOptions, echo: Echo = print) -> int:

@@ -265,3 +265,7 @@ def test_against_errors_before_anything_runs() -> None:
         return
     with pytest.raises(B.CropbenchError, match="--against no-such-rev: not a commit"):
         B.install_revision("no-such-rev", Path("/nonexistent"))
+    # an unknown revision stops the run before the sections that come first (views) start
+    result = CliRunner().invoke(cli, ["bench", "--only", "views,e2e", "--against", "no-such-rev"])
+    assert result.exit_code == 2 and "--against no-such-rev: not a commit" in result.output
+    assert "==" not in result.output
