@@ -117,8 +117,8 @@ def extract_features(
     dataset: str,
     data: EvalData,
     split: str = "train",
-    resize: int = 36,
-    crop: int = 32,
+    resize: int = 64,
+    crop: int = 56,
     batch_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """Frozen features of a dataset split -> (N×D float32, N int64), from the cache if it has them.

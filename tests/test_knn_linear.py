@@ -181,7 +181,7 @@ def test_feature_cache_hit_and_invalidation(tiny_root: Path, tmp_path: Path) -> 
     with torch.no_grad():
         enc.bn1.running_mean += 1.0  # a buffer change is a different encoder
     extract_features(enc, "imagenet", data, "train")
-    extract_features(enc, "imagenet", data, "train", resize=40)  # a different transform
+    extract_features(enc, "imagenet", data, "train", resize=72)  # a different transform
     assert len(list((tmp_path / "features").iterdir())) == 3
 
 
@@ -236,3 +236,18 @@ def test_regioncl_linear_references_are_checked_against_the_best_epoch(tmp_path:
     report = check(records, golden, scale="paper")
     ours = [(m, ok) for m, ok in report.compared if m.key == "paper/regioncl/m/linear"]
     assert [(m.metric, ok) for m, ok in ours] == [("top1_best", True)]
+
+
+def test_micro_feature_protocol_and_paper_presets() -> None:
+    """Micro kNN is DINO's (k=20, T=0.07) on the 64-px canvas at 1x, centre crop 56 (7/8, as 224/256),
+    for kNN and linear alike; the ``imagenet`` / ``cifar10`` presets keep MoCo's colab k=200, T=0.1
+    and their own resolutions, so paper- and small-scale numbers do not move with the micro protocol."""
+    knn, linear = EVALUATIONS.get("knn"), EVALUATIONS.get("linear")
+    micro = knn.Settings()
+    assert (micro.dataset, micro.k, micro.temperature, micro.resize, micro.crop) == ("synth_images", 20, 0.07, 64, 56)
+    assert (linear.Settings().resize, linear.Settings().crop) == (64, 56)
+    paper = from_dict(knn.Settings, {**knn.presets["imagenet"]}, "test")
+    assert (paper.dataset, paper.k, paper.temperature, paper.resize, paper.crop) == ("imagenet", 200, 0.1, 256, 224)
+    small = from_dict(knn.Settings, {**knn.presets["cifar10"]}, "test")
+    assert (small.k, small.temperature, small.resize, small.crop) == (200, 0.1, 32, 32)
+    assert "k" not in linear.presets["imagenet"]  # the linear probe has no k
