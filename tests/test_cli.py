@@ -87,7 +87,7 @@ def test_run_writes_records_with_provenance(run_out: Path) -> None:
     assert prov["recipe"]["train"]["epochs"] == 1 and prov["recipe_hash"] and prov["versions"]["torch"]
     assert (run_out / "runs" / "micro" / "simclr" / "default" / "seed0" / "checkpoint.pt").exists()
     # the resolved protocol: the kNN Settings with its defaults (k, T), their hash, the method Config
-    assert (prov["eval_settings"]["k"], prov["eval_settings"]["temperature"]) == (200, 0.1)
+    assert (prov["eval_settings"]["k"], prov["eval_settings"]["temperature"]) == (20, 0.07)  # DINO (knn.py)
     rand = json.loads((run_out / "records" / "micro/simclr/default+random_init/knn/seed0.json").read_text())
     assert len(prov["protocol_hash"]) == 16 and rand["provenance"]["protocol_hash"] == prov["protocol_hash"]
     assert prov["config"]["temperature"] == 0.5 and "weights" not in prov

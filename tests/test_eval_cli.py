@@ -30,7 +30,7 @@ from cropbench.records import load_records, protocol_hash
 
 TINY = ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=16"]
 TINY += ["--set", "data.limit=64"]
-KNN = ["--eval", "knn", "--set", "eval.knn.k=5"]  # k=5 keeps the vote cheap; T stays the default 0.1
+KNN = ["--eval", "knn", "--set", "eval.knn.k=5"]  # k=5 keeps the vote cheap; T stays the default 0.07
 LINEAR = ["--eval", "linear", "--set", "eval.linear.epochs=2", "--set", "eval.linear.milestones=[1]"]
 
 
@@ -96,10 +96,10 @@ def test_knn_record_stores_the_resolved_settings(trained: dict[str, Path]) -> No
     """k and T (and every other default) are in the record and in its protocol hash."""
     (ran,) = load_records(trained["run_records"])
     s = ran.provenance["eval_settings"]
-    assert (s["k"], s["temperature"], s["resize"], s["crop"], s["dataset"]) == (5, 0.1, 36, 32, "synth_images")
+    assert (s["k"], s["temperature"], s["resize"], s["crop"], s["dataset"]) == (5, 0.07, 64, 56, "synth_images")
     assert ran.protocol_hash == protocol_hash("knn", s)
     assert protocol_hash("knn", {**s, "k": 200}) != ran.protocol_hash
-    assert protocol_hash("knn", {**s, "temperature": 0.07}) != ran.protocol_hash
+    assert protocol_hash("knn", {**s, "temperature": 0.1}) != ran.protocol_hash
     cfg = ran.provenance["config"]  # the method's validated Config, defaults filled in
     assert cfg["temperature"] == 0.5 and cfg["views"]["size"] == 32 and cfg["views"]["solarize_p"] == 0.0
 
