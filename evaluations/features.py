@@ -44,6 +44,10 @@ FEATURE_PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": {"dataset": "cifar10", "resize": 32, "crop": 32},
 }
 
+# The micro frozen-feature resolution, shared by the kNN and linear defaults: the 64-px synthetic canvas
+# at 1x, centre crop 7/8 of it as ImageNet's 224/256 (why not 36/32: knn.KnnSettings' docstring).
+MICRO_RESIZE, MICRO_CROP = 64, 56
+
 # bump when the extraction changes: old cache files are then ignored
 CACHE_VERSION = 2  # 2: ImageFolder labels from the training split's class index
 
@@ -117,8 +121,8 @@ def extract_features(
     dataset: str,
     data: EvalData,
     split: str = "train",
-    resize: int = 64,
-    crop: int = 56,
+    resize: int = MICRO_RESIZE,
+    crop: int = MICRO_CROP,
     batch_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """Frozen features of a dataset split -> (N×D float32, N int64), from the cache if it has them.

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.features import FEATURE_PRESETS, extract_features, topk_accuracy
+from cropbench.evaluations.features import (
+    FEATURE_PRESETS,
+    MICRO_CROP,
+    MICRO_RESIZE,
+    extract_features,
+    topk_accuracy,
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ class KnnSettings:
     dataset: str = "synth_images"  # registered dataset; bank = train_split, queries = val_split
     k: int = 20  # neighbours per query (DINO ``--nb_knn`` 20; MoCo colab ``knn_k`` 200: presets)
     temperature: float = 0.07  # vote weight exp(sim / T) (DINO 0.07; MoCo colab ``knn_t`` 0.1: presets)
-    resize: int = 64  # shorter side before the centre crop: the micro canvas at 1x; paper scale: 256
-    crop: int = 56  # centre crop, 7/8 of the resize as ImageNet's 224/256; paper scale: 224
+    resize: int = MICRO_RESIZE  # shorter side before the centre crop (features.py); paper scale: 256
+    crop: int = MICRO_CROP  # centre crop (features.py); paper scale: 224
     batch_size: int = 256  # images per extraction batch
     train_split: str = "train"
     val_split: str = "val"

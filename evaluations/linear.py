@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from cropbench.errors import ConfigError
 from cropbench.evaluations.base import EvalData, register_evaluation
-from cropbench.evaluations.features import FEATURE_PRESETS, extract_features, topk_accuracy
+from cropbench.evaluations.features import (
+    FEATURE_PRESETS,
+    MICRO_CROP,
+    MICRO_RESIZE,
+    extract_features,
+    topk_accuracy,
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,8 @@ class LinearSettings:
     schedule: Literal["step", "cosine"] = "step"  # step: × 0.1 at each milestone; cosine: per epoch
     milestones: tuple[int, ...] = (60, 80)  # epochs (MoCo main_lincls --schedule 60 80)
     feature_bn: bool = False  # MAE: BatchNorm1d without affine before the linear layer
-    resize: int = 64  # shorter side before the centre crop: the micro canvas at 1x (knn.py); paper scale: 256
-    crop: int = 56  # centre crop, 7/8 of the resize as ImageNet's 224/256; paper scale: 224
+    resize: int = MICRO_RESIZE  # shorter side before the centre crop (features.py); paper scale: 256
+    crop: int = MICRO_CROP  # centre crop (features.py); paper scale: 224
     extract_batch_size: int = 256  # images per feature-extraction batch
     train_split: str = "train"
     val_split: str = "val"
