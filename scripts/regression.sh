@@ -48,9 +48,9 @@ job_args() {
 grep -v '^\s*#' "$jobs" | while read -r entry variant evals flags; do
   [ -n "$entry" ] || continue
   [ -n "$evals" ] || { echo "$jobs: '$entry $variant': expected ENTRY VARIANT EVAL[,EVAL...]" >&2; exit 2; }
-  # shellcheck disable=SC2086  # flags: the optional columns, split on blanks
   # a command substitution carries job_args' exit status; `wait $!` on a process substitution raced
   # (under load the substitution could be reaped first, and the job was dropped with status 2)
+  # shellcheck disable=SC2086  # flags: the optional columns, split on blanks
   job=$(job_args "$entry" "$variant" "$evals" $flags) || exit 2
   mapfile -t args <<<"$job"
   if [ -n "$dry" ]; then
