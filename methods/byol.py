@@ -36,6 +36,7 @@ class BYOL(SSLMethod):
         base_momentum: float = 0.996  # τ_base (BYOL §3.3)
         final_momentum: float = 1.0  # τ at the last step (BYOL: 1)
         pred_lr_scale: float = 1.0  # predictor lr multiplier (BYOL: 1; a micro deviation when not 1)
+        fix_pred_lr: bool = False  # predictor lr not scheduled, as simsiam --fix-pred-lr (BYOL: False)
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
         super().__init__(cfg, backbone, ctx)
@@ -70,11 +71,13 @@ class BYOL(SSLMethod):
         return StepOutput(loss, {"momentum": self.momentum_at(step)})
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Everything trainable follows the schedule; the predictor's lr is ``pred_lr_scale`` times it
-        (one group, as before the option existed, when it is 1)."""
-        if self.cfg.pred_lr_scale == 1.0:
+        """Everything trainable follows the schedule; the predictor's lr is ``pred_lr_scale`` times it,
+        or times the base lr with ``fix_pred_lr`` (one group, as before the options existed, when
+        neither is set)."""
+        cfg = self.cfg
+        if cfg.pred_lr_scale == 1.0 and not cfg.fix_pred_lr:
             return super().param_groups()
-        return self.groups_apart(self.predictor, lr_scale=self.cfg.pred_lr_scale)
+        return self.groups_apart(self.predictor, fixed_lr=cfg.fix_pred_lr, lr_scale=cfg.pred_lr_scale)
 
     def momentum_at(self, step: int) -> float:
         """τ_k of BYOL's cosine schedule over ``ctx.total_steps`` (BYOL §3.3)."""

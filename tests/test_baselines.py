@@ -191,18 +191,19 @@ def test_simsiam_param_groups_fix_the_predictor_lr() -> None:
     assert [g.get("fixed_lr", False) for g in no_fix] == [False, False]
 
 
-@pytest.mark.parametrize("name", ["byol", "simsiam"])
+@pytest.mark.parametrize(("name", "fixed"), [("byol", False), ("byol", True), ("simsiam", True), ("simsiam", False)])
 @pytest.mark.parametrize("exclude_bias_norm", [False, True])
-def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, exclude_bias_norm: bool) -> None:
-    """``pred_lr_scale``: after ``set_lr`` every predictor tensor has scale x its lr (SimSiam's fixed
-    base lr, BYOL's scheduled lr), every other tensor the scheduled lr; 1 leaves BYOL's single group."""
-    method = _method(name, pred_lr_scale=10.0)
+def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, fixed: bool, exclude_bias_norm: bool) -> None:
+    """``pred_lr_scale``: after ``set_lr`` every predictor tensor has scale x its lr (the base lr with
+    ``fix_pred_lr``, the scheduled lr without), every other tensor the scheduled lr; 1 without
+    ``fix_pred_lr`` leaves BYOL's single group."""
+    method = _method(name, pred_lr_scale=10.0, fix_pred_lr=fixed)
     named = named_params(method)
     opt = build_optimizer(
         method.param_groups(), named, OptimConfig(name="sgd", exclude_bias_norm=exclude_bias_norm), 0.1
     )
     set_lr(opt, lr=0.03, base_lr=0.1)
-    pred_lr = 10.0 * (0.1 if name == "simsiam" else 0.03)
+    pred_lr = 10.0 * (0.1 if fixed else 0.03)
     pred = {id(p) for p in method.predictor.parameters()}
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert len(lr_of) == len([p for p in method.parameters() if p.requires_grad])
@@ -211,6 +212,8 @@ def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, exclude_
             assert lr_of[id(p)] == pytest.approx(pred_lr if id(p) in pred else 0.03), named[p]
     if name == "byol":
         assert len(_method("byol").param_groups()) == 1
+        fixed_only = _method("byol", fix_pred_lr=True).param_groups()
+        assert [g.get("fixed_lr", False) for g in fixed_only] == [False, True]
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])
