@@ -205,6 +205,8 @@ class CYBORGS(BYOL):
         final_momentum: float = 0.996
 
     def __init__(self, cfg: Config, backbone: nn.Module, ctx: MethodContext, views: ViewGenerator):
+        if cfg.predictor != "mlp":
+            raise ConfigError(f"params.predictor: CYBORGS trains BYOL's MLP predictor, got {cfg.predictor!r}")
         super().__init__(cfg, backbone, ctx, views)
         if cfg.masks.k_range[1] > cfg.num_segments:
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -214,6 +215,72 @@ def test_predictor_lr_scale_multiplies_only_the_predictor_lr(name: str, fixed: b
         assert len(_method("byol").param_groups()) == 1
         fixed_only = _method("byol", fix_pred_lr=True).param_groups()
         assert [g.get("fixed_lr", False) for g in fixed_only] == [False, True]
+
+
+def _directpred_reference(batches: list[torch.Tensor], rho: float, eps: float) -> torch.Tensor:
+    """DirectPred from Tian et al. 2021 §5, element by element: F <- rho F + (1 - rho) (1/N) sum_i
+    f_i f_i^T, then W = sum_j p_j u_j u_j^T with p_j = sqrt(s_j) / max_k sqrt(s_k) + eps."""
+    d = batches[0].shape[1]
+    F = [[0.0] * d for _ in range(d)]
+    for f in batches:
+        rows = f.double().tolist()
+        for a in range(d):
+            for b in range(d):
+                mean = sum(r[a] * r[b] for r in rows) / len(rows)
+                F[a][b] = rho * F[a][b] + (1 - rho) * mean
+    s, u = np.linalg.eigh(np.array(F))
+    p = np.sqrt(np.clip(s, 0, None))
+    p = p / p.max() + eps
+    w = sum(p[j] * np.outer(u[:, j], u[:, j]) for j in range(d))
+    return torch.from_numpy(w).float()
+
+
+def test_directpred_predictor_matches_the_papers_formula() -> None:
+    """``params.predictor: directpred``: the linear predictor is set from the EMA correlation of the
+    online projections (both views), recomputed every ``dp_freq`` steps, and never trained."""
+    method = _method("byol", predictor="directpred", dp_rho=0.3, dp_eps=0.1)
+    assert isinstance(method, BYOL)
+    d = method.cfg.out_dim
+    torch.testing.assert_close(method.predictor.weight, torch.eye(d))  # identity until the first update
+    trainable = {id(p) for g in method.param_groups() for p in g["params"]}
+    assert id(method.predictor.weight) not in trainable and not method.predictor.weight.requires_grad
+    g = torch.Generator().manual_seed(3)
+    # anisotropic projections, as a training batch gives them: a few strong directions
+    fs = [torch.randn(10, d, generator=g) * torch.linspace(2.0, 0.1, d) + 0.5 for _ in range(3)]
+    for step, f in enumerate(fs):
+        method.directpred_update(f, step)
+        ref = _directpred_reference(fs[: step + 1], 0.3, 0.1)
+        # float32 correlation against the float64 loop: 4e-5 at most, sqrt of the smallest
+        # eigenvalues amplifying it; a wrong formula (no sqrt, no eps, rho swapped, no EMA) is off by >= 0.1
+        torch.testing.assert_close(method.predictor.weight, ref, atol=2e-4, rtol=0)
+    assert "dp_corr" in method.state_dict()  # the correlation EMA resumes with the checkpoint
+    # dp_freq 2: odd steps move F but keep W
+    every2 = _method("byol", predictor="directpred", dp_freq=2)
+    every2.directpred_update(fs[0], 0)
+    before = every2.predictor.weight.clone()
+    every2.directpred_update(fs[1], 1)
+    torch.testing.assert_close(every2.predictor.weight, before)
+    assert not torch.equal(every2.dp_corr, _method("byol", predictor="directpred").dp_corr)
+    # a training step uses it: the loss trains the encoder and projector, not the predictor
+    out = method.training_step(_batch(), 3, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert method.predictor.weight.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.projector.parameters())
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"predictor": "linear"}, r"params\.predictor: expected 'mlp' or 'directpred'"),
+        ({"predictor": "directpred", "pred_lr_scale": 10.0}, r"'directpred' is not trained"),
+        ({"predictor": "directpred", "fix_pred_lr": True}, r"'directpred' is not trained"),
+        ({"predictor": "directpred", "dp_rho": 1.0}, r"params\.dp_rho must be in \[0, 1\)"),
+        ({"predictor": "directpred", "dp_freq": 0}, r"params\.dp_freq >= 1"),
+    ],
+)
+def test_directpred_options_are_checked(over: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _method("byol", **over)
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])

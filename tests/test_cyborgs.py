@@ -346,6 +346,13 @@ def test_cyborgs_rejects_bad_sampling_settings():
             CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(), build_generator("cyborgs"))
 
 
+def test_cyborgs_refuses_byols_directpred_predictor():
+    """CYBORGS applies BYOL's trained MLP predictor per segment; DirectPred's set predictor is BYOL's only."""
+    cfg = from_dict(CYBORGS.Config, {"hidden_dim": 8, "out_dim": 4, "num_segments": 8, "predictor": "directpred"})
+    with pytest.raises(ConfigError, match="params.predictor: CYBORGS trains BYOL's MLP predictor, got 'directpred'"):
+        CYBORGS(cfg, resnet_micro(widths=(8, 8, 8, 16)), MethodContext(), build_generator("cyborgs"))
+
+
 def _in_features(head: torch.nn.Module) -> int:
     return next(mod for mod in head.modules() if isinstance(mod, torch.nn.Linear)).in_features
 

@@ -1,6 +1,7 @@
 """Two gloo processes on CPU: the gathered NT-Xent / MoCo losses equal the 1-process loss on the
 concatenated batch, their gradients agree (after the trainer's average over processes), the queue
-holds the keys of both processes, and shuffle-BN's shuffle/unshuffle round-trips."""
+holds the keys of both processes, shuffle-BN's shuffle/unshuffle round-trips, and BYOL's DirectPred
+predictor is set from the correlation of the whole batch."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cropbench.backbones import build_backbone
 from cropbench.dist import DistContext, init_process_group, shutdown
+from cropbench.methods.base import MethodContext
+from cropbench.methods.byol import BYOL
 from cropbench.methods.losses import info_nce, nt_xent
 from cropbench.methods.momentum import Queue, batch_shuffle, batch_unshuffle
+from cropbench.runner import build_generator
 
 WORLD, N, D, K, TAU = 2, 4, 6, 11, 0.2  # processes, local batch, dim, queue size, temperature
 
@@ -102,3 +107,39 @@ def test_two_process_losses_equal_one_process_loss_on_the_concatenated_batch(
     shuffled = torch.cat([out["shard"] for out in ranks])
     assert not torch.equal(shuffled, data["x"])  # 8! orders; the seeds above do shuffle
     assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, data["x"].tolist()))
+
+
+def _directpred(ctx: DistContext) -> BYOL:
+    cfg = BYOL.Config(hidden_dim=8, out_dim=D, predictor="directpred")
+    backbone = build_backbone("resnet_micro", widths=(8, 8, 8, 8))
+    return BYOL(cfg, backbone, MethodContext(dist=ctx), build_generator("byol", {"views": {"size": 16}}))
+
+
+def _directpred_worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    ctx = init_process_group("gloo", rank, WORLD, str(Path(out_dir) / "store"))
+    try:
+        method, data = _directpred(ctx), _data()
+        rows = slice(rank * N, (rank + 1) * N)
+        for step, name in enumerate(("z1", "z2")):
+            method.directpred_update(data[name][rows], step)
+        torch.save(method.predictor.weight.clone(), Path(out_dir) / f"dp{rank}.pt")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    shutdown(ctx)
+
+
+def test_two_process_directpred_predictor_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
+    """BYOL's DirectPred predictor: the correlation is averaged over processes, so every rank sets
+    the same W_p as one process given the whole batch (equal shards)."""
+    mp.spawn(_directpred_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    data, ref = _data(), _directpred(DistContext())
+    for step, name in enumerate(("z1", "z2")):
+        ref.directpred_update(data[name], step)
+    alone = _directpred(DistContext())  # what a rank would set from its own shard only
+    for step, name in enumerate(("z1", "z2")):
+        alone.directpred_update(data[name][:N], step)
+    assert not torch.allclose(alone.predictor.weight, ref.predictor.weight, atol=1e-3)
+    for r in range(WORLD):
+        torch.testing.assert_close(torch.load(tmp_path / f"dp{r}.pt"), ref.predictor.weight)

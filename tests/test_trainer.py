@@ -28,18 +28,28 @@ TINY = {
 }
 
 
-def _trainer(run_dir: Path, data_root: Path, **train: object) -> Trainer:
-    recipe = from_dict(Recipe, {**TINY, "train": {**TINY["train"], **train}})
+# BYOL with DirectPred: method state outside the parameters (the correlation EMA, the set predictor)
+DIRECTPRED = {
+    "method": "byol",
+    "params": {"views": {"views": {"size": 16}}, "hidden_dim": 32, "out_dim": 16, "predictor": "directpred"},
+}
+
+
+def _trainer(run_dir: Path, data_root: Path, recipe_over: dict | None = None, **train: object) -> Trainer:
+    recipe = from_dict(Recipe, {**TINY, **(recipe_over or {}), "train": {**TINY["train"], **train}})
     ds = build_train_set(recipe, data_root)
     method = build_method(recipe, method_context(recipe, len(ds), DistContext()))
     return Trainer(method, ds, recipe, run_dir, torch.device("cpu"), quiet=True)
 
 
-def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
-    full = _trainer(tmp_path / "full", data_root)
+@pytest.mark.parametrize("recipe_over", [None, DIRECTPRED], ids=["simclr", "byol-directpred"])
+def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(
+    tmp_path: Path, data_root: Path, recipe_over: dict | None
+) -> None:
+    full = _trainer(tmp_path / "full", data_root, recipe_over)
     res_full = full.fit()
 
-    interrupted = _trainer(tmp_path / "cut", data_root)
+    interrupted = _trainer(tmp_path / "cut", data_root, recipe_over)
     original = interrupted._epoch
     calls = {"n": 0}
 
@@ -54,7 +64,7 @@ def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(tmp_path: P
         interrupted.fit()
     assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["epoch"] == 1
 
-    resumed = _trainer(tmp_path / "cut", data_root)
+    resumed = _trainer(tmp_path / "cut", data_root, recipe_over)
     res_resumed = resumed.fit(resume=True)
     assert (res_resumed.loss_first, res_resumed.loss_last, res_resumed.steps) == (
         res_full.loss_first,
