@@ -12,7 +12,7 @@ EMA of the online projections' correlation, never trained (a variant, not the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ class BYOL(SSLMethod):
         fix_pred_lr: bool = False  # predictor lr not scheduled, as simsiam --fix-pred-lr (BYOL: False)
         # "mlp": BYOL's trained predictor. "directpred": a linear predictor set, not trained, from the
         # eigendecomposition of the online projections' correlation (Tian et al. 2021, arXiv 2102.06810 §5)
-        predictor: str = "mlp"
+        predictor: Literal["mlp", "directpred"] = "mlp"
         dp_rho: float = 0.3  # DirectPred: F <- rho F + (1 - rho) E[f f^T]
         dp_eps: float = 0.1  # DirectPred: p_j = sqrt(s_j) / max_k sqrt(s_k) + eps
         dp_freq: int = 1  # DirectPred: recompute W_p every dp_freq steps
@@ -54,9 +54,7 @@ class BYOL(SSLMethod):
         super().__init__(cfg, backbone, ctx)
         check_lr_scale("params.pred_lr_scale", cfg.pred_lr_scale)
         self.projector = byol_mlp(backbone.feat_dim, cfg.hidden_dim, cfg.out_dim)
-        if cfg.predictor == "mlp":
-            self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
-        elif cfg.predictor == "directpred":
+        if cfg.predictor == "directpred":
             check_directpred(cfg)
             self.predictor = nn.Linear(cfg.out_dim, cfg.out_dim, bias=False)
             self.predictor.weight.requires_grad_(False)
@@ -64,7 +62,7 @@ class BYOL(SSLMethod):
                 self.predictor.weight.copy_(torch.eye(cfg.out_dim))
             self.register_buffer("dp_corr", torch.zeros(cfg.out_dim, cfg.out_dim))
         else:
-            raise ConfigError(f"params.predictor: expected 'mlp' or 'directpred', got {cfg.predictor!r}")
+            self.predictor = byol_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
         self.views = views
@@ -104,12 +102,10 @@ class BYOL(SSLMethod):
 
     def training_step(self, batch: ImageBatch, step: int, generator: torch.Generator) -> StepOutput:
         v1, v2 = self.make_views(batch, generator)
+        f1, f2 = self.projector(self.backbone(v1.tensor)), self.projector(self.backbone(v2.tensor))
         if self.cfg.predictor == "directpred":
-            f1, f2 = self.projector(self.backbone(v1.tensor)), self.projector(self.backbone(v2.tensor))
             self.directpred_update(torch.cat([f1, f2]), step)
-            p1, p2 = self.predictor(f1), self.predictor(f2)
-        else:
-            p1, p2 = self.online(v1.tensor), self.online(v2.tensor)
+        p1, p2 = self.predictor(f1), self.predictor(f2)
         z1, z2 = self.target(v1.tensor), self.target(v2.tensor)
         loss = self.regression_loss(p1, p2, z1, z2)
         return StepOutput(loss, {"momentum": self.momentum_at(step)})
@@ -137,7 +133,7 @@ class BYOL(SSLMethod):
 
 def check_directpred(cfg: BYOL.Config) -> None:
     """DirectPred's predictor is set, not trained: its lr options would silently do nothing."""
-    if not 0.0 <= cfg.dp_rho < 1.0 or cfg.dp_eps < 0 or cfg.dp_freq < 1:
+    if not (0.0 <= cfg.dp_rho < 1.0 and cfg.dp_eps >= 0 and cfg.dp_freq >= 1):  # NaN fails too
         raise ConfigError(
             "params.dp_rho must be in [0, 1), params.dp_eps >= 0 and params.dp_freq >= 1, got "
             f"dp_rho={cfg.dp_rho}, dp_eps={cfg.dp_eps}, dp_freq={cfg.dp_freq}"

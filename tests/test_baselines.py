@@ -271,16 +271,21 @@ def test_directpred_predictor_matches_the_papers_formula() -> None:
 @pytest.mark.parametrize(
     ("over", "match"),
     [
-        ({"predictor": "linear"}, r"params\.predictor: expected 'mlp' or 'directpred'"),
         ({"predictor": "directpred", "pred_lr_scale": 10.0}, r"'directpred' is not trained"),
         ({"predictor": "directpred", "fix_pred_lr": True}, r"'directpred' is not trained"),
         ({"predictor": "directpred", "dp_rho": 1.0}, r"params\.dp_rho must be in \[0, 1\)"),
         ({"predictor": "directpred", "dp_freq": 0}, r"params\.dp_freq >= 1"),
+        ({"predictor": "directpred", "dp_eps": float("nan")}, r"params\.dp_eps >= 0"),
     ],
 )
 def test_directpred_options_are_checked(over: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         _method("byol", **over)
+
+
+def test_an_unknown_predictor_is_refused_from_the_recipe() -> None:
+    with pytest.raises(ConfigError, match=r"params\.predictor: expected one of \['mlp', 'directpred'\], got 'linear'"):
+        from_dict(BYOL.Config, {"predictor": "linear"}, "", "params")
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])

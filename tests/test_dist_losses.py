@@ -142,4 +142,4 @@ def test_two_process_directpred_predictor_equals_one_process_on_the_concatenated
         alone.directpred_update(data[name][:N], step)
     assert not torch.allclose(alone.predictor.weight, ref.predictor.weight, atol=1e-3)
     for r in range(WORLD):
-        torch.testing.assert_close(torch.load(tmp_path / f"dp{r}.pt"), ref.predictor.weight)
+        torch.testing.assert_close(torch.load(tmp_path / f"dp{r}.pt", weights_only=True), ref.predictor.weight)
