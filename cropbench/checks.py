@@ -96,9 +96,14 @@ class Tolerances:
     metrics: dict[str, Tolerance] = field(default_factory=dict)  # "metric" or "eval/metric"
     pretrain: dict[str, Tolerance] = field(default_factory=dict)  # pretrain keys that are compared
     distribution: Distribution | None = None  # needed once a golden job has n >= 2 seeds
+    # "entry/variant/eval/metric": one job's own tolerance, where float drift differs by job (traces)
+    jobs: dict[str, Tolerance] = field(default_factory=dict)
 
-    def for_metric(self, eval_name: str, metric: str) -> Tolerance:
-        return self.metrics.get(f"{eval_name}/{metric}") or self.metrics.get(metric) or self.default
+    def for_metric(self, eval_name: str, metric: str, job: str = "") -> Tolerance:
+        """The tolerance of ``metric``: the job's own (``job`` = "entry/variant"), else the
+        evaluation's ("eval/metric"), else the metric's, else ``default``."""
+        own = self.jobs.get(f"{job}/{eval_name}/{metric}") if job else None
+        return own or self.metrics.get(f"{eval_name}/{metric}") or self.metrics.get(metric) or self.default
 
 
 def _check_tolerance(path: Path, name: str, t: Tolerance) -> None:
@@ -141,7 +146,11 @@ def load_tolerances(path: Path) -> Tolerances:
         "default": tol.default,
         **{f"metrics.{k}": v for k, v in tol.metrics.items()},
         **{f"pretrain.{k}": v for k, v in tol.pretrain.items()},
+        **{f"jobs.{k}": v for k, v in tol.jobs.items()},
     }
+    for k in tol.jobs:
+        if len(k.split("/")) != 4 or not all(k.split("/")):
+            raise ConfigError(f"{path}: jobs.{k}: expected a key entry/variant/eval/metric, e.g. simclr/default/trace/loss")
     for name, t in named.items():
         _check_tolerance(path, name, t)
     _check_distribution(path, tol)
@@ -319,7 +328,8 @@ def _compare_with_golden(report: CheckReport, rec: Record, golden: dict[int, Rec
     for metric in sorted({m for g in golden.values() for m in g.metrics}):
         values = {s: g.metrics[metric] for s, g in sorted(golden.items()) if metric in g.metrics}
         floor = (dist, dist.floor.for_metric(rec.eval, metric)) if dist else None
-        _compare_number(report, rec, metric, values, rec.metrics.get(metric), tol.for_metric(rec.eval, metric), floor)
+        fixed = tol.for_metric(rec.eval, metric, f"{rec.entry}/{rec.variant}")
+        _compare_number(report, rec, metric, values, rec.metrics.get(metric), fixed, floor)
     for name, t in sorted(tol.pretrain.items()):
         values = {s: g.pretrain[name] for s, g in sorted(golden.items()) if name in g.pretrain}
         got = rec.pretrain.get(name)

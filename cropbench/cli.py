@@ -275,6 +275,15 @@ def submit_and_say(fn: Callable[..., Any], spec: Any, opts: SlurmOptions, name: 
     help="torch.compile the backbone and heads (sets train.compile=true; a speed setting: "
     "records are not marked modified and --resume accepts it).",
 )
+@click.option(
+    "--trace-epochs",
+    type=click.IntRange(1),
+    default=None,
+    metavar="K",
+    help="Pretrain only the first K epochs of the recipe's schedule (same lr and schedules as the "
+    "whole run) and write a 'trace' record of epoch K's mean loss; no evaluations. CI's check for "
+    "golden jobs it does not re-run whole (results/golden/traces).",
+)
 @click.option("--quiet", is_flag=True)
 @launch_options
 def run(
@@ -293,6 +302,7 @@ def run(
     split: str | None,
     random_init: bool,
     compile_: bool,
+    trace_epochs: int | None,
     quiet: bool,
     **launch: Any,
 ) -> None:
@@ -327,6 +337,7 @@ def run(
         random_init,
         quiet,
         resume_strict=resume == "strict",
+        trace_epochs=trace_epochs,
     )
     opts = slurm_options(launch, nproc, work_dir)
     if opts is not None:
@@ -342,7 +353,7 @@ def submit_run(spec: RunSpec, opts: SlurmOptions) -> None:
     from dataclasses import replace
 
     from cropbench.records import Record, record_path
-    from cropbench.runner import RANDOM_INIT, command_line, preflight_run, resolve_data_root
+    from cropbench.runner import RANDOM_INIT, TRACE, command_line, preflight_run, resolve_data_root
     from cropbench.runner import run as run_entry
 
     opts.check()  # cheap checks (submitit installed, sbatch at hand) before the preflight
@@ -353,10 +364,11 @@ def submit_run(spec: RunSpec, opts: SlurmOptions) -> None:
         spec, data_root=root, out=_absolute(spec.out), work_dir=_absolute(spec.work_dir), nproc=1, command=cmd
     )
     variants = [spec.variant] + ([spec.variant + RANDOM_INIT] if spec.random_init else [])
+    names = (TRACE,) if spec.trace_epochs else evals  # a trace writes one record per seed
     paths = [
         record_path(spec.out, Record(spec.entry, v, spec.scale, name, seed, {}, {}, 0.0, {}))
         for seed in spec.seeds
-        for name in evals
+        for name in names
         for v in variants
     ]
     submit_and_say(run_entry, spec, opts, f"cropbench-{spec.entry}", paths)

@@ -79,6 +79,20 @@ class RunSpec:
     quiet: bool = False
     resume_strict: bool = False  # with resume: a missing checkpoint is an error, not a fresh start
     command: str | None = None  # the command line records carry (None: this process's sys.argv)
+    # pretrain only the first N epochs of the recipe's schedule and write a ``trace`` record (no
+    # evaluations): the loss a whole run has there, as CI checks most golden jobs
+    trace_epochs: int | None = None
+
+
+TRACE = "trace"  # the evaluation name of a ``--trace-epochs`` record
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """The "protocol" of a trace record: which prefix of which schedule it traced."""
+
+    epochs: int  # epochs traced, from the first
+    schedule_epochs: int  # the recipe's train.epochs (the lr and momentum schedules' length)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,13 +241,14 @@ def pretrain_local(
     quiet: bool,
     where: str,
     on_init: Callable[[SSLMethod], None] | None = None,
+    stop_after: int | None = None,
 ) -> tuple[SSLMethod, TrainResult]:
     dataset = build_train_set(recipe, data_root)
     method = build_method(recipe, method_context(recipe, len(dataset), dist_ctx), where)
     if on_init is not None:
         on_init(method)
     trainer = Trainer(method, dataset, recipe, run_dir, device, dist_ctx, quiet)
-    return trainer.method, trainer.fit(resume=resume)
+    return trainer.method, trainer.fit(resume=resume, stop_after=stop_after)
 
 
 def _ddp_worker(
@@ -379,7 +394,9 @@ def _pretrain_seed(
 
     on_init = keep if spec.random_init else None
     quiet = spec.quiet or not ctx.is_main
-    method, result = pretrain_local(recipe, run_dir, data_root, device, ctx, spec.resume, quiet, where, on_init)
+    method, result = pretrain_local(
+        recipe, run_dir, data_root, device, ctx, spec.resume, quiet, where, on_init, spec.trace_epochs
+    )
     encoder = method.encoder
     if ctx.enabled:
         check_in_sync(method, ctx, device)
@@ -454,7 +471,28 @@ class SeedPlan:
 
 
 def run_folder(spec: RunSpec, entry: str, seed: int) -> Path:
-    return Path(spec.work_dir) / spec.scale / entry / spec.variant / f"seed{seed}"
+    """``<work-dir>/<scale>/<entry>/<variant>/seed<N>``; a trace's is ``seed<N>-trace<K>`` (its
+    checkpoint stops at epoch K and must never pass for a whole run's)."""
+    trace = f"-trace{spec.trace_epochs}" if spec.trace_epochs else ""
+    return Path(spec.work_dir) / spec.scale / entry / spec.variant / f"seed{seed}{trace}"
+
+
+def check_trace(spec: RunSpec, evals: tuple[str, ...], recipe: Recipe) -> None:
+    """``--trace-epochs K`` pretrains a prefix and evaluates nothing: no evaluations, no random
+    init, and K within the recipe's schedule."""
+    k = spec.trace_epochs
+    if k is None:
+        return
+    if k < 1:
+        raise ConfigError(f"--trace-epochs {k}: expected a whole number of epochs >= 1")
+    if evals or spec.random_init:
+        what = "--random-init" if spec.random_init else f"--eval {evals[0]}"
+        raise ConfigError(f"--trace-epochs {k} pretrains a prefix of the schedule and evaluates nothing; drop {what}")
+    if k > recipe.train.epochs:
+        raise ConfigError(
+            f"--trace-epochs {k}: the recipe trains {recipe.train.epochs} epochs (train.epochs); "
+            f"trace at most {recipe.train.epochs}"
+        )
 
 
 def preflight(
@@ -469,6 +507,7 @@ def preflight(
     check_writable(spec.out, "--out")
     check_writable(spec.work_dir, "--work-dir")
     recipe = plans[0].recipe
+    check_trace(spec, evals, recipe)
     settings = {name: eval_settings(name, recipe, entry.modality, where) for name in evals}
     method = build_method(recipe, method_context(recipe, 10**9, DistContext()), where)
     check_dataset_kwargs(recipe.data.dataset, train_set_kwargs(recipe), "data.dataset")
@@ -567,10 +606,16 @@ def preflight_run(spec: RunSpec) -> tuple[tuple[str, ...], list[SeedPlan]]:
     """``preflight`` for a launcher process that runs nothing itself (``--nproc``'s parent, a
     Slurm submission): the evaluations and seed plans, checked; says nothing (the job will)."""
     entry = load_entry(spec.entry)
-    evals = spec.evals or entry.evaluations
+    evals = run_evals(spec, entry)
     _check_evals(entry, evals)
     resolve_device(spec.device)
     return evals, preflight(spec, entry, evals, resolve_data_root(spec), _log(True))
+
+
+def run_evals(spec: RunSpec, entry: Entry) -> tuple[str, ...]:
+    """The evaluations a run makes: ``--eval``, else the entry's own list; for a trace only the
+    given ones (``check_trace`` refuses any)."""
+    return spec.evals if spec.trace_epochs or spec.evals else tuple(entry.evaluations)
 
 
 def _spawn_run(spec: RunSpec) -> list[Any]:
@@ -592,7 +637,7 @@ def _run_job(spec: RunSpec, ctx: DistContext, device: torch.device, lock: bool) 
     """The job every process of the launch runs: preflight, then each seed's pretraining and
     evaluations with ``ctx``. Rank 0 alone locks, logs and writes; it returns the records."""
     entry = load_entry(spec.entry)
-    evals = spec.evals or entry.evaluations
+    evals = run_evals(spec, entry)
     log = _log(spec.quiet or not ctx.is_main)
     data_root = resolve_data_root(spec)
 
@@ -656,6 +701,8 @@ def _run_seed(
         f"{tag} pretrained in {time.perf_counter() - t0:.1f}s: loss {result.loss_first:.4f} -> "
         f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
     )
+    if spec.trace_epochs:
+        return _write_trace(spec, entry, plan, result, device, ctx, log)
     cache = Path(spec.work_dir) / "cache"
     data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, ctx, log)
     encoders = [(spec.variant, encoder, result.summary())]
@@ -678,6 +725,29 @@ def _run_seed(
                 shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items())
                 log(f"[{entry.name}/{variant} seed {seed}] {name}: {shown} ({wall:.1f}s) -> {path}")
     return records
+
+
+def _write_trace(
+    spec: RunSpec,
+    entry: Entry,
+    plan: SeedPlan,
+    result: TrainResult,
+    device: torch.device,
+    ctx: DistContext,
+    log: Callable[[str], None],
+) -> list[Any]:
+    """The ``trace`` record of ``--trace-epochs K``: metric ``loss``, the mean step loss of epoch K
+    (what a whole run's metrics.jsonl holds there: same steps, lr and schedules), with ``loss_first``
+    and the steps traced in ``pretrain``."""
+    if not ctx.is_main:
+        return []
+    settings = TraceSettings(result.epochs, plan.recipe.train.epochs)
+    metrics = {"loss": result.epoch_losses[-1]}
+    pre = result.summary()
+    rec, path = _write_run_record(spec, entry, plan, TRACE, settings, spec.variant, metrics, pre, 0.0, device, ctx)
+    tag = f"[{entry.name}/{spec.variant} seed {plan.seed}]"
+    log(f"{tag} trace: epoch {result.epochs} of {settings.schedule_epochs}, loss {metrics['loss']:.6f} -> {path}")
+    return [rec]
 
 
 def _write_run_record(

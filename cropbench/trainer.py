@@ -70,6 +70,7 @@ class TrainResult:
     wall_s: float
     checkpoint: Path
     components: dict[str, float] = field(default_factory=dict)  # loss_<c>_first / _last
+    epoch_losses: tuple[float, ...] = ()  # mean step loss of each epoch trained, from the first
 
     def summary(self) -> dict[str, float]:
         return {
@@ -531,13 +532,16 @@ class Trainer:
             }
         )
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to the end of the recipe's schedule, or only its first ``stop_after`` epochs (the
+        same steps, lr and schedules as the whole run's: a prefix of it, as ``--trace-epochs`` runs)."""
         if resume:
             self.load()
         tc = self.recipe.train
+        end = tc.epochs if stop_after is None else min(tc.epochs, stop_after)
         compiled = compile_modules(self.method) if tc.compile else []
         try:
-            for epoch in range(self.state.epoch, tc.epochs):
+            for epoch in range(self.state.epoch, end):
                 self.method.train()
                 self.method.on_epoch_start(self._epoch_context(epoch))
                 self._epoch(epoch)
@@ -555,4 +559,5 @@ class Trainer:
             s.train_s,
             self.checkpoint_path(),
             loss_components(s.history),
+            tuple(float(r["epoch_loss"]) for r in s.history if "epoch_loss" in r),
         )

@@ -20,6 +20,7 @@ import pytest
 
 from cropbench.checks import CheckReport, check, load_tolerances, prediction_half_width
 from cropbench.errors import ConfigError
+from cropbench.recipe import load_entry
 from cropbench.records import Record, write_record
 from cropbench.reproduction import t_quantile
 from cropbench.tables import leaderboard
@@ -253,7 +254,7 @@ def test_leaderboard_cells_are_mean_and_t_interval_with_n() -> None:
 
 JOBS = """# a comment
 simclr default knn,linear random-init seeds=5
-mocov2 default knn random-init
+mocov2 default knn random-init trace=4
 
 vsimclr default ucf101,hmdb51 seeds=2
 """
@@ -275,17 +276,49 @@ def run_lines(out: str) -> list[str]:
     return [ln.split(" --quiet")[0] for ln in out.splitlines() if ln.startswith("cropbench run ")]
 
 
-def test_regression_ci_mode_runs_seed_0_only(tmp_path: Path) -> None:
+def writes_goldens(out: str) -> list[str]:
+    """The dry run's lines that would remove or write committed goldens (their last word: the target)."""
+    return [ln for ln in out.splitlines() if ln.startswith(("rm ", "cp ")) and ln.split()[-1].startswith("results/")]
+
+
+def test_regression_ci_mode_runs_seed_0_whole_or_traced(tmp_path: Path) -> None:
+    """CI: seed 0 of each job without trace=K whole, the first K epochs of the others; each kind is
+    checked against its own goldens (the whole jobs' only, every one of them required)."""
     proc = dry_run(tmp_path, JOBS)
     assert proc.returncode == 0, proc.stderr
     assert run_lines(proc.stdout) == [
         "cropbench run simclr --variant default --eval knn --eval linear --random-init --seed 0",
-        "cropbench run mocov2 --variant default --eval knn --random-init --seed 0",
+        "cropbench run mocov2 --variant default --trace-epochs 4 --seed 0",
         "cropbench run vsimclr --variant default --eval ucf101 --eval hmdb51 --seed 0",
     ]
     work = tmp_path / "work"
-    assert proc.stdout.splitlines()[-1] == f"cropbench check --scale micro --require-all --records {work}/records"
-    assert "results/golden/micro" not in proc.stdout and not work.exists()  # a dry run writes nothing
+    lines = proc.stdout.splitlines()
+    assert f"cp -r results/golden/micro/simclr/default {work}/golden-whole/micro/simclr/" in lines
+    assert f"cp -r results/golden/micro/simclr/default+random_init {work}/golden-whole/micro/simclr/" in lines
+    assert f"cp -r results/golden/micro/vsimclr/default {work}/golden-whole/micro/vsimclr/" in lines
+    assert not any("micro/mocov2" in ln for ln in lines if ln.startswith("cp "))  # traced: not required whole
+    assert lines[-2:] == [
+        f"cropbench check --scale micro --require-all --records {work}/records --golden {work}/golden-whole",
+        f"cropbench check --scale micro --require-all --records {work}/traces --golden results/golden/traces",
+    ]
+    assert not writes_goldens(proc.stdout) and not work.exists()  # a dry run writes nothing
+
+
+def test_regression_all_runs_every_job_whole_and_every_trace(tmp_path: Path) -> None:
+    proc = dry_run(tmp_path, JOBS, "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert run_lines(proc.stdout) == [
+        "cropbench run simclr --variant default --eval knn --eval linear --random-init --seed 0",
+        "cropbench run mocov2 --variant default --eval knn --random-init --seed 0",
+        "cropbench run mocov2 --variant default --trace-epochs 4 --seed 0",
+        "cropbench run vsimclr --variant default --eval ucf101 --eval hmdb51 --seed 0",
+    ]
+    work = tmp_path / "work"
+    assert proc.stdout.splitlines()[-2:] == [
+        f"cropbench check --scale micro --require-all --records {work}/records --golden results/golden",
+        f"cropbench check --scale micro --require-all --records {work}/traces --golden results/golden/traces",
+    ]
+    assert not writes_goldens(proc.stdout)
 
 
 def test_regression_update_runs_each_jobs_seeds(tmp_path: Path) -> None:
@@ -295,16 +328,38 @@ def test_regression_update_runs_each_jobs_seeds(tmp_path: Path) -> None:
     assert run_lines(proc.stdout) == [
         f"cropbench run simclr --variant default --eval knn --eval linear --random-init {seeds(5)}",
         f"cropbench run mocov2 --variant default --eval knn --random-init {seeds(3)}",  # default 3
+        "cropbench run mocov2 --variant default --trace-epochs 4 --seed 0",  # a trace is one seed's
         f"cropbench run vsimclr --variant default --eval ucf101 --eval hmdb51 {seeds(2)}",
     ]
-    assert f"cp -r {tmp_path}/work/records/micro results/golden/micro" in proc.stdout
+    assert writes_goldens(proc.stdout) == [
+        "rm -rf results/golden/micro",
+        f"cp -r {tmp_path}/work/records/micro results/golden/micro",
+        "rm -rf results/golden/traces/micro",
+        f"cp -r {tmp_path}/work/traces/micro results/golden/traces/micro",
+    ]
+
+
+def test_regression_update_traces_rewrites_the_traces_only(tmp_path: Path) -> None:
+    proc = dry_run(tmp_path, JOBS, "--update-traces")
+    assert proc.returncode == 0, proc.stderr
+    assert run_lines(proc.stdout) == ["cropbench run mocov2 --variant default --trace-epochs 4 --seed 0"]
+    assert writes_goldens(proc.stdout) == [
+        "rm -rf results/golden/traces/micro",
+        f"cp -r {tmp_path}/work/traces/micro results/golden/traces/micro",
+    ]
+
+
+def test_regression_refuses_an_unknown_mode(tmp_path: Path) -> None:
+    proc = dry_run(tmp_path, JOBS, "--everything")
+    assert proc.returncode == 2 and "unknown option '--everything'" in proc.stderr
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         ("simclr default knn seeds=0", "'seeds=0': seeds=N needs a whole number N >= 1"),
-        ("simclr default knn random_init", "unknown column 'random_init' (expected random-init or seeds=N)"),
+        ("simclr default knn random_init", "unknown column 'random_init' (expected random-init, seeds=N or trace=K)"),
+        ("simclr default knn trace=0", "'trace=0': trace=K needs a whole number of epochs K >= 1"),
         ("simclr default", "expected ENTRY VARIANT EVAL[,EVAL...]"),
     ],
 )
@@ -313,15 +368,25 @@ def test_regression_job_lines_are_validated(tmp_path: Path, line: str, message: 
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-def test_committed_jobs_parse_in_both_modes(tmp_path: Path) -> None:
-    """Every committed job runs seed 0 alone in CI, and its seeds=N column's seeds (default 3) when updating."""
-    ci, update = dry_run(tmp_path, None), dry_run(tmp_path, None, "--update")
-    assert ci.returncode == 0 and update.returncode == 0, ci.stderr + update.stderr
-    ci_runs, update_runs = run_lines(ci.stdout), run_lines(update.stdout)
+def test_committed_jobs_parse_in_every_mode(tmp_path: Path) -> None:
+    """Every committed job runs seed 0 alone in CI (whole, or its trace) and with --all (whole), and
+    its seeds=N column's seeds (default 3) when updating; every trace fits its recipe's schedule."""
+    ci, full, update = (dry_run(tmp_path, None, *a) for a in ((), ("--all",), ("--update",)))
+    assert ci.returncode == full.returncode == update.returncode == 0, ci.stderr + full.stderr + update.stderr
     jobs = [ln for ln in (REPO / "results/golden/jobs.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
-    assert len(ci_runs) == len(update_runs) == len(jobs) >= 17
-    assert all(r.endswith(" --seed 0") and r.count("--seed") == 1 for r in ci_runs)
-    for job, run in zip(jobs, update_runs, strict=True):
+    traces = {tuple(j.split()[:2]): int(c[6:]) for j in jobs for c in j.split() if c.startswith("trace=")}
+    whole = lambda runs: [r for r in runs if "--trace-epochs" not in r]
+    ci_runs, full_runs, update_runs = (run_lines(p.stdout) for p in (ci, full, update))
+    assert len(whole(full_runs)) == len(whole(update_runs)) == len(jobs) >= 17
+    assert len(whole(ci_runs)) == len(jobs) - len(traces) >= 5
+    assert [r for r in ci_runs if "--trace-epochs" in r] == [
+        f"cropbench run {e} --variant {v} --trace-epochs {k} --seed 0" for (e, v), k in traces.items()
+    ]
+    assert all(r.endswith(" --seed 0") and r.count("--seed") == 1 for r in ci_runs + full_runs)
+    for job, run in zip(jobs, whole(update_runs), strict=True):
         n = next((int(c[6:]) for c in job.split() if c.startswith("seeds=")), 3)
         assert run.count("--seed") == n and run.endswith(" ".join(f"--seed {s}" for s in range(n))), (job, run)
     assert sum(r.count("--seed") >= 3 for r in update_runs) >= 11  # every image job is a distribution
+    for (e, v), k in traces.items():
+        assert k <= load_entry(e).recipe(v, "micro").train.epochs, (e, v, k)
+        assert (REPO / f"results/golden/traces/micro/{e}/{v}/trace/seed0.json").is_file(), (e, v)
