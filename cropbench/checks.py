@@ -10,7 +10,11 @@
      same seed (a fresh record of another seed has nothing to be compared with).
    The pretraining numbers named ``distribution.per_seed`` (``loss_first``: a pure function of the
    seed, the initialisation and the views) are compared exactly, with the same seed's golden only.
-   Tolerances, ``alpha`` and the floors come from ``results/golden/tolerances.yaml``.
+   Tolerances, ``alpha`` and the floors come from ``results/golden/tolerances.yaml``; a one-seed
+   tolerance is looked up as the job's own (``jobs``: "entry/variant/eval/metric"), then
+   "eval/metric", "metric", ``default``. The trace goldens (``results/golden/traces``, records of
+   ``cropbench run --trace-epochs K``, evaluation ``trace``) are checked the same way, with their
+   own tolerance file there.
 2. Each entry's ``references`` against the mean over seeds of the records at that scale, if any,
    one comparison per protocol (resolved evaluation settings; external weights apart from ours).
 3. Each entry's ``claims`` when both sides have records at that scale under the same protocol.
@@ -150,7 +154,8 @@ def load_tolerances(path: Path) -> Tolerances:
     }
     for k in tol.jobs:
         if len(k.split("/")) != 4 or not all(k.split("/")):
-            raise ConfigError(f"{path}: jobs.{k}: expected a key entry/variant/eval/metric, e.g. simclr/default/trace/loss")
+            want = "expected a key entry/variant/eval/metric, e.g. simclr/default/trace/loss"
+            raise ConfigError(f"{path}: jobs.{k}: {want}")
     for name, t in named.items():
         _check_tolerance(path, name, t)
     _check_distribution(path, tol)

@@ -107,12 +107,14 @@ def test_the_trace_check_passes_a_rerun_and_misses_a_run_that_stopped_learning(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--eval", "knn"], "--trace-epochs 2 pretrains a prefix of the schedule and evaluates nothing; drop --eval knn"),
+        (["--eval", "knn"], "--trace-epochs 2 pretrains a prefix of the schedule and evaluates nothing; drop --eval"),
         (["--random-init"], "drop --random-init"),
         (["--trace-epochs", "9"], "--trace-epochs 9: the recipe trains 3 epochs (train.epochs); trace at most 3"),
     ],
 )
-def test_trace_refusals_come_before_any_training(tmp_path: Path, data_root: Path, extra: list[str], message: str) -> None:
+def test_trace_refusals_come_before_any_training(
+    tmp_path: Path, data_root: Path, extra: list[str], message: str
+) -> None:
     args = ["--trace-epochs", "2", *extra] if extra[0] != "--trace-epochs" else extra
     where = ["--out", str(tmp_path / "records"), "--work-dir", str(tmp_path / "runs"), "--data-root", str(data_root)]
     code, text = invoke("run", "byol", *TINY, *args, *where)
