@@ -33,6 +33,7 @@ esac
 export CROPBENCH_DATA="${CROPBENCH_DATA:-$work/data}"
 # Pin intra-op threads: the reduction order (and so the float result of a run) depends on it.
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+[ -r "$jobs" ] || { echo "regression.sh: cannot read the jobs file '$jobs'" >&2; exit 2; }
 [ -n "$dry" ] || mkdir -p "$work"
 
 # job_args ENTRY VARIANT EVALS [COLUMN...]: print one job's whole `cropbench run` arguments, one per
@@ -102,6 +103,10 @@ while read -r entry variant evals flags; do
     cropbench run $r
   done
 done < <(grep -v '^\s*#' "$jobs")
+if [ "${#whole_jobs[@]}" -eq 0 ] && [ "$traced" = 0 ]; then
+  echo "regression.sh: $jobs has no job for this mode (a line: ENTRY VARIANT EVAL[,EVAL...] [random-init] [seeds=N] [trace=K])" >&2
+  exit 2
+fi
 
 case "$mode" in
   --update)

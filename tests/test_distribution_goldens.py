@@ -390,3 +390,15 @@ def test_committed_jobs_parse_in_every_mode(tmp_path: Path) -> None:
     for (e, v), k in traces.items():
         assert k <= load_entry(e).recipe(v, "micro").train.epochs, (e, v, k)
         assert (REPO / f"results/golden/traces/micro/{e}/{v}/trace/seed0.json").is_file(), (e, v)
+
+
+def test_regression_refuses_a_missing_or_empty_jobs_file(tmp_path: Path) -> None:
+    """Nothing run must never read as a passed regression."""
+    env = {**os.environ, "REGRESSION_DRY_RUN": "1", "REGRESSION_JOBS": str(tmp_path / "missing.txt")}
+    cmd = ["bash", str(REPO / "scripts" / "regression.sh"), str(tmp_path / "work")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "cannot read the jobs file" in proc.stderr
+    proc = dry_run(tmp_path, "# only a comment\n")
+    assert proc.returncode == 2 and "has no job for this mode" in proc.stderr
+    proc = dry_run(tmp_path, "simclr default knn\n", "--update-traces")  # no trace=K: nothing to update
+    assert proc.returncode == 2 and "has no job for this mode" in proc.stderr
