@@ -691,8 +691,9 @@ def _run_seed(
     where = f"{entry.path} (variant {spec.variant!r}, scale {spec.scale!r})"
     tag = f"[{entry.name}/{spec.variant} seed {seed}]"
     procs = f", {ctx.world_size} processes" if ctx.enabled else ""
+    trace = f"the first {spec.trace_epochs} of " if spec.trace_epochs else ""
     log(
-        f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({recipe.train.epochs} epochs, "
+        f"{tag} pretraining {recipe.method} on {recipe.data.dataset} ({trace}{recipe.train.epochs} epochs, "
         f"batch {recipe.train.batch_size}, {device}{procs}) -> {run_dir}"
     )
     t0 = time.perf_counter()
