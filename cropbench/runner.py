@@ -703,7 +703,7 @@ def _run_seed(
         f"{result.loss_last:.4f}, {result.images_per_s:.0f} img/s"
     )
     if spec.trace_epochs:
-        return _write_trace(spec, entry, plan, result, device, ctx, log)
+        return _write_trace(spec, entry, plan, result, device, ctx, lambda m: log(f"{tag} {m}"))
     cache = Path(spec.work_dir) / "cache"
     data = EvalData(data_root, device, cache, seed, recipe.data.num_workers, spec.scale, ctx, log)
     encoders = [(spec.variant, encoder, result.summary())]
@@ -746,8 +746,7 @@ def _write_trace(
     metrics = {"loss": result.epoch_losses[-1]}
     pre = result.summary()
     rec, path = _write_run_record(spec, entry, plan, TRACE, settings, spec.variant, metrics, pre, 0.0, device, ctx)
-    tag = f"[{entry.name}/{spec.variant} seed {plan.seed}]"
-    log(f"{tag} trace: epoch {result.epochs} of {settings.schedule_epochs}, loss {metrics['loss']:.6f} -> {path}")
+    log(f"trace: epoch {result.epochs} of {settings.schedule_epochs}, loss {metrics['loss']:.6f} -> {path}")
     return [rec]
 
 
