@@ -316,25 +316,43 @@ def _compare_number(
     got: float | None,
     fixed: Tolerance,
     floor: tuple[Distribution, Tolerance] | None,
+    cpu_note: str = "",
 ) -> None:
     """``got``, the number ``name`` of ``rec``, against its golden ``values`` (seed -> value): their
     distribution when n >= 2 (``floor``: the distribution settings and this number's floor), else
-    the same seed's value under the ``fixed`` tolerance."""
+    the same seed's value under the ``fixed`` tolerance (``cpu_note``: :func:`_cpu_note`)."""
     if len(values) >= 2 and floor is not None:
         _compare_distribution(report, str(rec.key), name, list(values.values()), got, *floor)
     elif len(values) == 1 and rec.seed in values:
-        _compare(report, str(rec.key), name, values[rec.seed], got, fixed, "golden", n=1)
+        _compare(report, str(rec.key), name, values[rec.seed], got, fixed, "golden" + cpu_note, n=1)
+
+
+def _cpu_text(cpu: dict) -> str:
+    return f"{cpu.get('model', '?')}, {cpu.get('capability', '?')}, {cpu.get('threads', '?')} threads"
+
+
+def _cpu_note(rec: Record, golden: Record | None) -> str:
+    """`` (ran on <cpu>; golden on <cpu>)`` when the record and the same seed's golden name
+    different CPU arithmetic (``provenance.cpu``: model, vector capability, threads), else "": on
+    the golden's CPU a run is the golden bit for bit, on another it is a new draw of its rounding,
+    which a one-seed tolerance must allow for."""
+    mine = rec.provenance.get("cpu")
+    theirs = golden.provenance.get("cpu") if golden is not None else None
+    if not isinstance(mine, dict) or mine == theirs:
+        return ""
+    return f" (ran on {_cpu_text(mine)}; golden on {_cpu_text(theirs) if isinstance(theirs, dict) else 'unrecorded'})"
 
 
 def _compare_with_golden(report: CheckReport, rec: Record, golden: dict[int, Record], tol: Tolerances) -> None:
     """Every golden metric and compared pretraining number of ``rec``'s job (``golden``: seed ->
     record); the ``per_seed`` pretraining numbers against the same seed's golden only."""
     dist = tol.distribution
+    note = _cpu_note(rec, golden.get(rec.seed))
     for metric in sorted({m for g in golden.values() for m in g.metrics}):
         values = {s: g.metrics[metric] for s, g in sorted(golden.items()) if metric in g.metrics}
         floor = (dist, dist.floor.for_metric(rec.eval, metric)) if dist else None
         fixed = tol.for_metric(rec.eval, metric, f"{rec.entry}/{rec.variant}")
-        _compare_number(report, rec, metric, values, rec.metrics.get(metric), fixed, floor)
+        _compare_number(report, rec, metric, values, rec.metrics.get(metric), fixed, floor, note)
     for name, t in sorted(tol.pretrain.items()):
         values = {s: g.pretrain[name] for s, g in sorted(golden.items()) if name in g.pretrain}
         got = rec.pretrain.get(name)
@@ -343,7 +361,7 @@ def _compare_with_golden(report: CheckReport, rec: Record, golden: dict[int, Rec
                 _compare(report, str(rec.key), f"pretrain.{name}", values[rec.seed], got, t, f"golden seed {rec.seed}")
         else:
             floor = (dist, dist.floor.pretrain[name]) if dist else None
-            _compare_number(report, rec, f"pretrain.{name}", values, got, t, floor)
+            _compare_number(report, rec, f"pretrain.{name}", values, got, t, floor, note)
 
 
 def _job_label(job: str, overrides: str) -> str:

@@ -202,6 +202,28 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def cpu_info() -> dict[str, Any]:
+    """The arithmetic a CPU run's floats came from: a record made on another CPU model, vector
+    capability or thread count rounds differently, so its losses are a new draw, not the golden bit
+    for bit (``cropbench check`` names both in a miss)."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def collect_provenance(
     recipe_dict: dict, device: str, command: str | list[str], repo_dir: Path = PACKAGE_DIR
 ) -> dict[str, Any]:
@@ -219,4 +241,5 @@ def collect_provenance(
         "command": command if isinstance(command, str) else " ".join(command),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
+        "cpu": cpu_info(),
     }

@@ -281,3 +281,24 @@ def test_references_and_claims_are_checked_per_protocol(roots: tuple[Path, Path,
         ("small/simclr/default/linear #aaaa1111 [external:r.pth@eeeeeeee]", 67.9, True),
         ("small/simclr/default/linear #cccc3333", 60.0, False),
     ]
+
+
+def test_one_seed_miss_names_both_cpus(roots: tuple[Path, Path, Path]) -> None:
+    """A record from other CPU arithmetic than its golden's (model, vector capability, threads) is a
+    new draw of the rounding, not the golden bit for bit: the reason says so, on every comparison
+    of that record; the same CPU (or none recorded in the record) adds nothing."""
+    records, golden, entries = roots
+    here = {"model": "AMD EPYC", "capability": "AVX512", "threads": 2}
+    there = {"model": "Intel Xeon", "capability": "AVX2", "threads": 2}
+    g = replace(rec(), provenance={"cpu": here})
+    write_record(golden, g)
+    write_record(records, replace(rec(top1=55.0), provenance={"cpu": there}))
+    report = check(records, golden, entries)
+    [miss] = report.misses
+    assert miss.reason == (
+        "golden (ran on Intel Xeon, AVX2, 2 threads; golden on AMD EPYC, AVX512, 2 threads): off by -5"
+    )
+    write_record(records, replace(rec(top1=55.0), provenance={"cpu": here}))
+    assert check(records, golden, entries).misses[0].reason == "golden: off by -5"
+    write_record(records, rec(top1=55.0))  # no cpu in the record (made before it was recorded)
+    assert check(records, golden, entries).misses[0].reason == "golden: off by -5"

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from cropbench.errors import CropbenchError
 from cropbench.recipe import Recipe
@@ -138,6 +139,9 @@ def test_provenance(tmp_path: Path) -> None:
     assert isinstance(prov["git_dirty"], bool)
     assert prov["command"] == "cropbench run simclr" and prov["device"] == "cpu"
     assert set(prov["versions"]) == {"python", "torch", "torchvision", "cropbench", "numpy"}
+    cpu = prov["cpu"]  # the arithmetic the floats came from: check names it when a one-seed golden differs
+    assert cpu["model"] and cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["threads"] == torch.get_num_threads()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["created_utc"])
     outside = collect_provenance({}, "cpu", "x", repo_dir=tmp_path)
     assert outside["git_commit"] is None and outside["git_dirty"] is None
