@@ -358,7 +358,8 @@ def _compare_with_golden(report: CheckReport, rec: Record, golden: dict[int, Rec
         got = rec.pretrain.get(name)
         if dist is not None and name in dist.per_seed:
             if rec.seed in values:  # exact, against the same seed's golden only
-                _compare(report, str(rec.key), f"pretrain.{name}", values[rec.seed], got, t, f"golden seed {rec.seed}")
+                why = f"golden seed {rec.seed}{note}"
+                _compare(report, str(rec.key), f"pretrain.{name}", values[rec.seed], got, t, why)
         else:
             floor = (dist, dist.floor.pretrain[name]) if dist else None
             _compare_number(report, rec, f"pretrain.{name}", values, got, t, floor, note)

@@ -302,3 +302,8 @@ def test_one_seed_miss_names_both_cpus(roots: tuple[Path, Path, Path]) -> None:
     assert check(records, golden, entries).misses[0].reason == "golden: off by -5"
     write_record(records, rec(top1=55.0))  # no cpu in the record (made before it was recorded)
     assert check(records, golden, entries).misses[0].reason == "golden: off by -5"
+    write_record(golden, rec())  # a golden made before cpu was recorded, a record that has it
+    write_record(records, replace(rec(top1=55.0), provenance={"cpu": there}))
+    assert check(records, golden, entries).misses[0].reason == (
+        "golden (ran on Intel Xeon, AVX2, 2 threads; golden on unrecorded): off by -5"
+    )
