@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from cropbench.data import DatasetSpec, register_dataset
-from cropbench.data.synth import CLASSES, GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
+from cropbench.data.synth import CLASSES, CLUTTER_CONFIG, GENERATOR_VERSION, SynthImagesConfig, write_imagefolder
 from cropbench.errors import DatasetError
 from cropbench.types import ImageBatch
 
@@ -157,6 +157,22 @@ register_dataset(
         _build_synth,
         synthesize=lambda folder: write_imagefolder(folder, SynthImagesConfig()),
         description="embedded synthetic texture scenes, 10 classes, 64 px (1600 train / 1000 val)",
+        version=str(GENERATOR_VERSION),
+        num_classes=len(CLASSES),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "synth_clutter",
+        "classification",
+        "synth_clutter",
+        IMAGEFOLDER_LAYOUT,
+        _build_synth,
+        synthesize=lambda folder: write_imagefolder(folder, CLUTTER_CONFIG),
+        description=(
+            "synth_images with a smaller main object and two distractor objects of other classes "
+            "(harder: separates supervised from SSL pretraining at micro)"
+        ),
         version=str(GENERATOR_VERSION),
         num_classes=len(CLASSES),
     )

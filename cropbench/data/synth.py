@@ -162,7 +162,16 @@ class SynthImagesConfig:
     # init); without it, 35.6 vs 15.2. The dense sets (synth_dense.py) keep their distractors.
     n_distractors: int = 0
     main_area: tuple[float, float] = (0.5, 0.8)
+    distractor_area: tuple[float, float] = (0.04, 0.1)
     seed: int = 0  # scenes are a pure function of (seed, split, index)
+
+
+# The cluttered variant (dataset ``synth_clutter``): the main object covers 35-60 % of the canvas
+# and two distractors of other texture classes 6-12 % each. Measured at micro, seed 0, 2 threads,
+# pretrained and evaluated on it (kNN / linear top-1): supervised (32 epochs) 95.3 / 94.5, SimCLR
+# 62.6 / 72.6, random init 16.2 / 19.9. On synth_images supervised and the best SSL entries both
+# sit at 99-100 % kNN, so only this variant can show supervised above SSL.
+CLUTTER_CONFIG = SynthImagesConfig(n_distractors=2, main_area=(0.35, 0.6), distractor_area=(0.06, 0.12))
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -177,5 +186,7 @@ def write_imagefolder(folder: Path, cfg: SynthImagesConfig = SynthImagesConfig()
         for i in range(per_class * len(CLASSES)):
             label = i % len(CLASSES)
             rng = scene_rng(cfg.seed, split, i)
-            scene = render_scene(rng, cfg.image_size, label, cfg.n_distractors, cfg.main_area)
+            scene = render_scene(
+                rng, cfg.image_size, label, cfg.n_distractors, cfg.main_area, distractor_area=cfg.distractor_area
+            )
             Image.fromarray(scene.image).save(folder / split / CLASSES[label] / f"{i:06d}.png")
