@@ -9,13 +9,15 @@ in the ImageFolder layout with the class balance the evaluations assume.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cropbench.data import DATASETS, build_dataset, dataset_folder
-from cropbench.data.synth import CLASSES, CLUTTER_CONFIG, SynthImagesConfig, render_scene, scene_rng
+from cropbench.data.synth import CLASSES, CLUTTER_CONFIG, GENERATOR_VERSION, SynthImagesConfig, render_scene, scene_rng
 from cropbench.errors import DatasetError
 
 
@@ -45,13 +47,22 @@ def test_clutter_scenes_have_a_main_object_and_two_distractors_of_other_classes(
     assert largest / n > 0.9
 
 
+# sha256 of the first 10 train and 10 val default scenes (generator v2), computed with the generator
+# as it was before the clutter variant existed (commit 819f757): the micro goldens were made on them.
+DEFAULT_SCENES_SHA256 = "7c1fb9abd7b4596af17d092a37bad2e0ef45875159ca4e59da1c516ce8038217"
+
+
 def test_default_scenes_are_untouched_by_the_clutter_variant() -> None:
     default = SynthImagesConfig()
-    assert default.n_distractors == 0
-    for i in range(20):
-        a, b = _scene(default, i), _scene(default, i)
-        assert len(a.instances) == 1 and np.array_equal(a.image, b.image)
-        assert not np.array_equal(a.image, _scene(CLUTTER_CONFIG, i).image)
+    assert GENERATOR_VERSION == 2, "a new generator version needs a new DEFAULT_SCENES_SHA256"
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        for i in range(10):
+            scene = _scene(default, i, split)
+            assert len(scene.instances) == 1
+            assert not np.array_equal(scene.image, _scene(CLUTTER_CONFIG, i, split).image)
+            digest.update(scene.image.tobytes())
+    assert digest.hexdigest() == DEFAULT_SCENES_SHA256
 
 
 def test_registered_dataset_is_written_in_imagefolder_layout(tmp_path: Path) -> None:
@@ -61,9 +72,13 @@ def test_registered_dataset_is_written_in_imagefolder_layout(tmp_path: Path) -> 
     val = build_dataset("synth_clutter", "val", data_root=tmp_path, scale="micro")
     assert len(train) == CLUTTER_CONFIG.train_per_class * len(CLASSES)
     assert len(val) == CLUTTER_CONFIG.val_per_class * len(CLASSES)
+    folder = dataset_folder("synth_clutter", tmp_path)
     for split, per_class in (("train", CLUTTER_CONFIG.train_per_class), ("val", CLUTTER_CONFIG.val_per_class)):
         for name in CLASSES:
-            assert len(list((dataset_folder("synth_clutter", tmp_path) / split / name).glob("*.png"))) == per_class
+            assert len(list((folder / split / name).glob("*.png"))) == per_class
+    for i in (0, 7, 13):  # the files are the clutter scenes, not the default ones
+        written = np.asarray(Image.open(folder / "train" / CLASSES[i % len(CLASSES)] / f"{i:06d}.png"))
+        assert np.array_equal(written, _scene(CLUTTER_CONFIG, i).image)
     image, label, index = train[3]
     assert image.shape[-2:] == (CLUTTER_CONFIG.image_size,) * 2 and 0 <= label < len(CLASSES) and index == 3
 
